@@ -1,0 +1,219 @@
+"""All key layout, in one place (STYLE.md: FoundationDB style).
+
+Every key is a tuple packed with ``fdb.tuple``, so both backends order keys
+identically. The first element names the subspace; keep the names short, they
+are repeated in every key. Nothing outside ``storage/`` imports this module.
+
+Subspaces (``acct`` is an account id, an int; ``mbox`` a mailbox id, an int):
+
+====================  ====================================================
+``("d", "dom", domain)``            domain record (JSON)
+``("d", "acct", acct)``             account record (JSON, password hash)
+``("d", "addr", address)``          address or alias -> account id
+``("d", "catchall", domain)``       account id receiving unknown locals
+``("d", "seq")``                    account id allocator (counter)
+``("d", "ver")``                    directory version (counter; cache check)
+``("b", sha256, i)``                blob chunk ``i`` (≤ 100 kB)
+``("bm", sha256)``                  blob metadata: size, chunk count
+``("br", sha256, acct, email)``     blob reference (who links the blob)
+``("bo", time, sha256)``            blob possibly orphaned since ``time``
+``("m", acct, "box", mbox)``        mailbox record (JSON)
+``("m", acct, "boxname", name)``    mailbox name -> id
+``("m", acct, "seq", name)``        per-account id allocators (counters)
+``("m", acct, "msg", mbox, uid)``   message-in-mailbox record (packed)
+``("m", acct, "mod", mbox, modseq, uid)``  index: last change of a message
+``("m", acct, "gone", mbox, modseq, uid)`` expunged UIDs (QRESYNC VANISHED)
+``("m", acct, "email", email)``     email record: blob, size, parsed data
+``("m", acct, "ref", msgid_hash)``  thread lookup: Message-ID -> thread id
+``("m", acct, "quota")``            bytes used (counter)
+``("m", acct, "count")``            messages stored (counter)
+``("c", acct)``                     change counter (last change id)
+``("c", acct, "log", change_id)``   change log entry: kinds changed
+``("q", ...)``                      outbound queue (storage.queue)
+``("n", ...)``                      node leases and cluster state
+====================  ====================================================
+"""
+
+from __future__ import annotations
+
+import struct
+
+import fdb.tuple as fdbtuple
+
+from .kv.base import VERSIONSTAMP_SIZE, range_of
+
+pack = fdbtuple.pack
+unpack = fdbtuple.unpack
+
+#: Type code of a 96-bit versionstamp in the tuple encoding.
+_VERSIONSTAMP_CODE = 0x33
+
+
+def versionstamp_key(prefix: tuple[object, ...], user_version: int = 0) -> bytes:
+    """A key for ``Transaction.set_versionstamped_key``: ``prefix`` + one
+    incomplete versionstamp, in the bytes ``fdb.tuple.pack_with_versionstamp``
+    gives (which itself needs the FoundationDB client library to run)."""
+    head = pack(prefix) + bytes([_VERSIONSTAMP_CODE])
+    return head + b"\xff" * VERSIONSTAMP_SIZE + struct.pack(">H", user_version) + struct.pack("<I", len(head))
+
+
+def prefix_range(prefix: tuple[object, ...]) -> tuple[bytes, bytes]:
+    return range_of(pack(prefix))
+
+
+# -- directory -------------------------------------------------------------
+
+def domain(name: str) -> bytes:
+    return pack(("d", "dom", name))
+
+
+DOMAINS = prefix_range(("d", "dom"))
+
+
+def account(acct: int) -> bytes:
+    return pack(("d", "acct", acct))
+
+
+ACCOUNTS = prefix_range(("d", "acct"))
+
+
+def address(addr: str) -> bytes:
+    return pack(("d", "addr", addr))
+
+
+ADDRESSES = prefix_range(("d", "addr"))
+
+
+def catchall(domain_name: str) -> bytes:
+    return pack(("d", "catchall", domain_name))
+
+
+ACCOUNT_SEQ = pack(("d", "seq"))
+DIRECTORY_VERSION = pack(("d", "ver"))
+
+
+# -- blobs -----------------------------------------------------------------
+
+def blob_chunk(digest: bytes, index: int) -> bytes:
+    return pack(("b", digest, index))
+
+
+def blob_chunks(digest: bytes) -> tuple[bytes, bytes]:
+    return prefix_range(("b", digest))
+
+
+def blob_meta(digest: bytes) -> bytes:
+    return pack(("bm", digest))
+
+
+def blob_ref(digest: bytes, acct: int, email: int) -> bytes:
+    return pack(("br", digest, acct, email))
+
+
+def blob_refs(digest: bytes) -> tuple[bytes, bytes]:
+    return prefix_range(("br", digest))
+
+
+def blob_orphan(when: int, digest: bytes) -> bytes:
+    return pack(("bo", when, digest))
+
+
+BLOB_ORPHANS = prefix_range(("bo",))
+
+
+def blob_orphans_before(when: int) -> tuple[bytes, bytes]:
+    return pack(("bo",)) + b"\x00", pack(("bo", when))
+
+
+# -- mail ------------------------------------------------------------------
+
+def mailbox(acct: int, mbox: int) -> bytes:
+    return pack(("m", acct, "box", mbox))
+
+
+def mailboxes(acct: int) -> tuple[bytes, bytes]:
+    return prefix_range(("m", acct, "box"))
+
+
+def mailbox_name(acct: int, name: str) -> bytes:
+    return pack(("m", acct, "boxname", name))
+
+
+def mailbox_names(acct: int) -> tuple[bytes, bytes]:
+    return prefix_range(("m", acct, "boxname"))
+
+
+def account_seq(acct: int, name: str) -> bytes:
+    return pack(("m", acct, "seq", name))
+
+
+def message(acct: int, mbox: int, uid: int) -> bytes:
+    return pack(("m", acct, "msg", mbox, uid))
+
+
+def messages(acct: int, mbox: int, first_uid: int = 1, last_uid: int | None = None) -> tuple[bytes, bytes]:
+    """Messages of a mailbox with ``first_uid <= uid <= last_uid``."""
+    begin = pack(("m", acct, "msg", mbox, first_uid))
+    if last_uid is None:
+        return begin, pack(("m", acct, "msg", mbox)) + b"\xff"
+    return begin, pack(("m", acct, "msg", mbox, last_uid + 1))
+
+
+def modseq_index(acct: int, mbox: int, modseq: int, uid: int) -> bytes:
+    return pack(("m", acct, "mod", mbox, modseq, uid))
+
+
+def modseq_since(acct: int, mbox: int, modseq: int) -> tuple[bytes, bytes]:
+    """Index entries of messages changed after ``modseq``."""
+    return pack(("m", acct, "mod", mbox, modseq + 1)), pack(("m", acct, "mod", mbox)) + b"\xff"
+
+
+def expunged(acct: int, mbox: int, modseq: int, uid: int) -> bytes:
+    return pack(("m", acct, "gone", mbox, modseq, uid))
+
+
+def expunged_since(acct: int, mbox: int, modseq: int) -> tuple[bytes, bytes]:
+    return pack(("m", acct, "gone", mbox, modseq + 1)), pack(("m", acct, "gone", mbox)) + b"\xff"
+
+
+def mailbox_all(acct: int, mbox: int) -> list[tuple[bytes, bytes]]:
+    """Every range holding data of one mailbox (for DELETE)."""
+    return [prefix_range(("m", acct, sub, mbox)) for sub in ("msg", "mod", "gone")]
+
+
+def email(acct: int, email_id: int) -> bytes:
+    return pack(("m", acct, "email", email_id))
+
+
+def thread_ref(acct: int, ref_hash: bytes) -> bytes:
+    return pack(("m", acct, "ref", ref_hash))
+
+
+def quota_used(acct: int) -> bytes:
+    return pack(("m", acct, "quota"))
+
+
+def message_count(acct: int) -> bytes:
+    return pack(("m", acct, "count"))
+
+
+def account_data(acct: int) -> tuple[bytes, bytes]:
+    return prefix_range(("m", acct))
+
+
+# -- change log ------------------------------------------------------------
+
+def change_counter(acct: int) -> bytes:
+    return pack(("c", acct))
+
+
+def change(acct: int, change_id: int) -> bytes:
+    return pack(("c", acct, "log", change_id))
+
+
+def changes_since(acct: int, change_id: int) -> tuple[bytes, bytes]:
+    return pack(("c", acct, "log", change_id + 1)), pack(("c", acct, "log")) + b"\xff"
+
+
+def change_log(acct: int) -> tuple[bytes, bytes]:
+    return prefix_range(("c", acct))
