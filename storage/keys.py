@@ -23,7 +23,10 @@ Subspaces (``acct`` is an account id, an int; ``mbox`` a mailbox id, an int):
 ``("m", acct, "msg", mbox, uid)``   message-in-mailbox record (packed)
 ``("m", acct, "mod", mbox, modseq, uid)``  index: last change of a message
 ``("m", acct, "gone", mbox, modseq, uid)`` expunged UIDs (QRESYNC VANISHED)
-``("m", acct, "email", email)``     email record: blob, size, parsed data
+``("m", acct, "email", email)``     email record: blob, size, dates, thread
+``("m", acct, "email", email, i)``  parsed structure, chunk ``i``
+``("m", acct, "in", email, mbox, uid)``  where an email is (mailboxes, UIDs)
+``("m", acct, "cnt", mbox, name)``  mailbox counters: n, unseen, deleted, size
 ``("m", acct, "ref", msgid_hash)``  thread lookup: Message-ID -> thread id
 ``("m", acct, "quota")``            bytes used (counter)
 ``("m", acct, "count")``            messages stored (counter)
@@ -178,7 +181,31 @@ def expunged_since(acct: int, mbox: int, modseq: int) -> tuple[bytes, bytes]:
 
 def mailbox_all(acct: int, mbox: int) -> list[tuple[bytes, bytes]]:
     """Every range holding data of one mailbox (for DELETE)."""
-    return [prefix_range(("m", acct, sub, mbox)) for sub in ("msg", "mod", "gone")]
+    return [prefix_range(("m", acct, sub, mbox)) for sub in ("msg", "mod", "gone", "cnt")]
+
+
+def mailbox_counter(acct: int, mbox: int, name: str) -> bytes:
+    return pack(("m", acct, "cnt", mbox, name))
+
+
+def mailbox_counters(acct: int, mbox: int) -> tuple[bytes, bytes]:
+    return prefix_range(("m", acct, "cnt", mbox))
+
+
+def email_struct(acct: int, email_id: int, index: int) -> bytes:
+    return pack(("m", acct, "email", email_id, index))
+
+
+def email_structs(acct: int, email_id: int) -> tuple[bytes, bytes]:
+    return prefix_range(("m", acct, "email", email_id))
+
+
+def location(acct: int, email_id: int, mbox: int, uid: int) -> bytes:
+    return pack(("m", acct, "in", email_id, mbox, uid))
+
+
+def locations(acct: int, email_id: int) -> tuple[bytes, bytes]:
+    return prefix_range(("m", acct, "in", email_id))
 
 
 def email(acct: int, email_id: int) -> bytes:

@@ -1,0 +1,158 @@
+"""SMTP listeners on aiosmtpd, inside the node's event loop.
+
+:class:`RookerySMTP` adds to aiosmtpd what a serious MX needs: enhanced status
+codes on every reply (RFC 2034), a cap on concurrent connections, and a
+registry of live sessions so a draining node can let them finish, then close
+them with ``421``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP
+
+from .session import InboundHandler, SmtpLimits
+
+log = logging.getLogger("rookery.smtp")
+
+_ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}\b")
+#: Default enhanced codes for aiosmtpd's own replies (RFC 3463).
+_DEFAULT_ENHANCED = {
+    "221": "2.0.0", "250": "2.0.0", "251": "2.1.5", "252": "2.5.0",
+    "421": "4.3.0", "432": "4.7.12", "450": "4.2.0", "451": "4.3.0", "452": "4.3.1", "454": "4.7.0",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "530": "5.7.0", "534": "5.7.9", "535": "5.7.8", "538": "5.7.11",
+    "550": "5.0.0", "551": "5.1.6", "552": "5.3.4", "553": "5.1.3", "554": "5.0.0", "555": "5.5.4",
+}
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+TOO_BUSY = b"421 4.7.0 Too many connections, try again later\r\n"
+
+
+class SessionRegistry:
+    """Live sessions of one listener, for limits and graceful shutdown."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sessions: set[RookerySMTP] = set()
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+
+class RookerySMTP(SMTP):
+    def __init__(self, handler: Any, registry: SessionRegistry, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._registry = registry
+        self._plain_replies = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if len(self._registry) >= self._registry.limit:
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(TOO_BUSY)
+            transport.close()
+            return
+        self._registry.sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._registry.sessions.discard(self)
+        super().connection_lost(exc)
+
+    async def push(self, status: AnyStr) -> None:
+        text = status.decode("utf-8", "surrogateescape") if isinstance(status, bytes) else status
+        greeting = self._plain_replies and text.startswith("250")
+        if not greeting and len(text) >= 4 and text[3] == " " and not _ENHANCED.match(text):
+            code = text[:3]
+            enhanced = _DEFAULT_ENHANCED.get(code)
+            if enhanced is not None:
+                text = f"{code} {enhanced} {text[4:]}"
+        await super().push(text)
+
+    # EHLO/HELO success replies carry no enhanced code (RFC 2034 §3): the
+    # keyword lines must stay parseable.
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_replies = False
+
+    @property
+    def idle(self) -> bool:
+        """No mail transaction under way (between messages)."""
+        return self.envelope is None or self.envelope.mail_from is None
+
+    def close_for_shutdown(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write((SHUTTING_DOWN + "\r\n").encode())
+            transport.close()
+
+
+class SmtpListener:
+    """One listening socket serving inbound SMTP."""
+
+    def __init__(
+        self,
+        handler: InboundHandler,
+        hostname: str,
+        limits: SmtpLimits,
+        tls_context: ssl.SSLContext | None,
+    ) -> None:
+        self.handler = handler
+        self.hostname = hostname
+        self.limits = limits
+        self.tls_context = tls_context
+        self.registry = SessionRegistry(limits.max_connections)
+        self.server: asyncio.base_events.Server | None = None
+
+    def _factory(self) -> RookerySMTP:
+        return RookerySMTP(
+            self.handler,
+            self.registry,
+            data_size_limit=self.limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=self.hostname,
+            ident="Rookery ESMTP",
+            tls_context=self.tls_context,
+            timeout=self.limits.command_timeout,
+            # The MX takes no AUTH; submission is a different listener.
+            auth_require_tls=True,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"],
+        )
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.get_running_loop().create_server(self._factory, host, port, reuse_address=True)
+        sockname = self.server.sockets[0].getsockname()
+        log.info("smtp listening on %s:%s", sockname[0], sockname[1])
+        return int(sockname[1])
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def drain(self, deadline: float) -> None:
+        """Wait until sessions end or ``deadline`` seconds pass, then close the rest."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        while self.registry.sessions and loop.time() < end:
+            for session in list(self.registry.sessions):
+                if session.idle:
+                    session.close_for_shutdown()
+            await asyncio.sleep(0.05)
+        for session in list(self.registry.sessions):
+            session.close_for_shutdown()

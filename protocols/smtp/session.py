@@ -1,0 +1,152 @@
+"""SMTP session logic as aiosmtpd hooks: who may send what to whom.
+
+aiosmtpd parses the protocol; these ``handle_<VERB>`` hooks decide. A message
+is committed to the store before ``250`` is answered to DATA (DESIGN.md
+principle 2), and all recipients of one DATA are delivered in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from storage import Storage
+from storage.directory import normalize_address
+from storage.errors import InvalidInput, RookeryError
+
+log = logging.getLogger("rookery.smtp")
+
+OK_MAIL = "250 2.1.0 Sender OK"
+OK_RCPT = "250 2.1.5 Recipient OK"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+TEMP_FAILURE = "451 4.3.0 Temporary failure, please try again later"
+BAD_SENDER = "553 5.1.7 Bad sender address syntax"
+BAD_RECIPIENT = "553 5.1.3 Bad recipient address syntax"
+NO_VALID_RECIPIENTS = "554 5.5.1 No valid recipients"
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpLimits:
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    command_timeout: float = 300.0
+    max_connections: int = 1000
+
+
+def peer_text(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+def new_queue_id() -> str:
+    return secrets.token_hex(8).upper()
+
+
+class InboundHandler:
+    """Hooks for the inbound MX: local recipients only, never a relay."""
+
+    def __init__(self, storage: Storage, hostname: str, limits: SmtpLimits) -> None:
+        self.storage = storage
+        self.hostname = hostname
+        self.limits = limits
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd reads commands in order from a buffer, so pipelined
+        # commands just work (RFC 2920); enhanced codes come from our replies
+        # and from the server's push() (RFC 2034).
+        return responses[:-1] + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if address not in ("", "<>"):
+            try:
+                normalize_address(address)
+            except InvalidInput:
+                return BAD_SENDER
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.rcpt_accounts = []  # type: ignore[attr-defined]
+        return OK_MAIL
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.limits.max_recipients:
+            return TOO_MANY_RECIPIENTS
+        try:
+            normalized = normalize_address(address)
+        except InvalidInput:
+            return BAD_RECIPIENT
+        try:
+            acct = await self.storage.directory.resolve(normalized)
+            await self.storage.mail.check_quota(acct, 0)
+        except RookeryError as exc:
+            log.info("rcpt refused %s: %s", normalized, exc.text, extra={"peer": peer_text(session)})
+            return exc.smtp
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        getattr(envelope, "rcpt_accounts", []).append(acct)
+        return OK_RCPT
+
+    def trace_headers(self, session: Session, envelope: Envelope, server: SMTP, queue_id: str) -> bytes:
+        """Return-Path: and Received: (RFC 5321 §4.4)."""
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        helo = (session.host_name or "unknown").replace("\r", "").replace("\n", "")[:255]
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        if getattr(server, "_tls_protocol", None) is not None:
+            proto += "S"
+        if session.authenticated:
+            proto += "A"
+        rcpt = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
+        for_clause = f"\r\n\tfor <{rcpt}>" if rcpt else ""
+        received = (
+            f"Received: from {helo} ([{peer}])\r\n\tby {self.hostname} (Rookery) with {proto} id {queue_id}"
+            f"{for_clause};\r\n\t{formatdate(time.time(), localtime=False)}\r\n"
+        )
+        sender = envelope.mail_from or ""
+        return f"Return-Path: <{sender}>\r\n{received}".encode("utf-8", "surrogateescape")
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        accounts: list[int] = getattr(envelope, "rcpt_accounts", [])
+        if not accounts:
+            return NO_VALID_RECIPIENTS
+        queue_id = new_queue_id()
+        content = envelope.original_content or b""
+        assert isinstance(content, bytes)
+        raw = self.trace_headers(session, envelope, server, queue_id) + content
+        peer = peer_text(session)
+        if len(raw) > self.limits.max_message_size + 64 * 1024:
+            return "552 5.3.4 Message too big"
+        try:
+            deliveries = await self.storage.mail.deliver(accounts, raw)
+        except RookeryError as exc:
+            log.info("delivery refused: %s", exc.text, extra={"peer": peer, "id": queue_id})
+            return exc.smtp
+        except Exception:
+            log.exception("delivery failed", extra={"peer": peer, "id": queue_id})
+            return TEMP_FAILURE
+        log.info(
+            "delivered",
+            extra={"peer": peer, "id": queue_id, "size": len(raw), "rcpts": len(deliveries), "from": envelope.mail_from},
+        )
+        return f"250 2.0.0 OK queued as {queue_id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("smtp session error: %r", error)
+        return "421 4.3.0 Internal error, closing connection"
+
+    async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
+        # PROXY protocol is off (no proxy_protocol_timeout); refuse if reached.
+        return False

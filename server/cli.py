@@ -1,0 +1,315 @@
+"""``rookery``: run a node, and administer the store directly.
+
+Admin commands open the store themselves (``--data DIR`` or ``--config
+FILE``) and work while nodes run: the embedded store is safe for several
+processes, and FoundationDB for any number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from storage import Storage
+from storage.errors import RookeryError
+
+from . import config as configmod
+from . import logs
+from .node import Node, open_storage
+
+log = logging.getLogger("rookery.cli")
+
+EPILOG = """\
+examples:
+  rookery serve --config deploy/dev.toml
+  rookery --data ./data domain add example.org
+  rookery --data ./data account add alice@example.org --password-stdin
+  rookery --data ./data mail list alice@example.org --mailbox INBOX
+"""
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", metavar="DIR", default=argparse.SUPPRESS, help="data directory (embedded store)")
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML config file")
+    common.add_argument(
+        "--set",
+        metavar="SECTION.KEY=VALUE",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="override one config option (repeatable)",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="rookery",
+        description="Rookery mail server: run a node, or administer its store.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="run a node with the configured listeners")
+    serve.set_defaults(handler=cmd_serve)
+
+    cfg = sub.add_parser("config", parents=[common], help="print every config option with its default and env name")
+    cfg.set_defaults(handler=cmd_config)
+
+    domain = sub.add_parser("domain", help="hosted domains").add_subparsers(dest="action", required=True)
+    p = domain.add_parser("add", parents=[common], help="host a domain")
+    p.add_argument("name")
+    p.set_defaults(handler=cmd_domain_add)
+    p = domain.add_parser("list", parents=[common], help="list hosted domains")
+    p.set_defaults(handler=cmd_domain_list)
+    p = domain.add_parser("remove", parents=[common], help="stop hosting a domain (it must have no accounts)")
+    p.add_argument("name")
+    p.set_defaults(handler=cmd_domain_remove)
+
+    account = sub.add_parser("account", help="mail accounts").add_subparsers(dest="action", required=True)
+    p = account.add_parser("add", parents=[common], help="create an account with its default mailboxes")
+    p.add_argument("email")
+    _password_args(p)
+    p.add_argument("--quota", default="0", help="storage quota, e.g. 1G (0: unlimited)")
+    p.set_defaults(handler=cmd_account_add)
+    p = account.add_parser("passwd", parents=[common], help="set an account's password")
+    p.add_argument("email")
+    _password_args(p)
+    p.set_defaults(handler=cmd_account_passwd)
+    p = account.add_parser("list", parents=[common], help="list accounts")
+    p.add_argument("--domain")
+    p.set_defaults(handler=cmd_account_list)
+    p = account.add_parser("remove", parents=[common], help="remove an account and all its mail")
+    p.add_argument("email")
+    p.set_defaults(handler=cmd_account_remove)
+
+    alias = sub.add_parser("alias", help="address aliases").add_subparsers(dest="action", required=True)
+    p = alias.add_parser("add", parents=[common], help="deliver mail for ALIAS to account TARGET (@domain: catch-all)")
+    p.add_argument("alias")
+    p.add_argument("target")
+    p.set_defaults(handler=cmd_alias_add)
+    p = alias.add_parser("list", parents=[common], help="list aliases and catch-alls")
+    p.set_defaults(handler=cmd_alias_list)
+    p = alias.add_parser("remove", parents=[common], help="remove an alias or catch-all (@domain)")
+    p.add_argument("alias")
+    p.set_defaults(handler=cmd_alias_remove)
+
+    mail = sub.add_parser("mail", help="inspect stored mail").add_subparsers(dest="action", required=True)
+    p = mail.add_parser("list", parents=[common], help="list messages: UID, flags, size, date, subject")
+    p.add_argument("email")
+    p.add_argument("--mailbox", default="INBOX")
+    p.set_defaults(handler=cmd_mail_list)
+    return parser
+
+
+def _password_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    group.add_argument("--password", metavar="P", help="the password (visible to other local users; prefer stdin)")
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password is not None:
+        return str(args.password)
+    if args.password_stdin or not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Again: ") != first:
+        raise RookeryError("passwords do not match")
+    return first
+
+
+def load_config(args: argparse.Namespace) -> configmod.Config:
+    overrides: dict[str, Any] = {}
+    for item in getattr(args, "set", []) or []:
+        name, sep, value = item.partition("=")
+        if not sep or "." not in name:
+            raise configmod.ConfigError(f"--set wants SECTION.KEY=VALUE, not {item!r}")
+        overrides[name.strip()] = value
+    if getattr(args, "data", None):
+        overrides["server.data_dir"] = args.data
+    return configmod.load(getattr(args, "config", None), overrides=overrides)
+
+
+async def _with_storage(cfg: configmod.Config, fn: Callable[[Storage], Awaitable[int | None]]) -> int:
+    storage = open_storage(cfg)
+    try:
+        return (await fn(storage)) or 0
+    finally:
+        await storage.close()
+
+
+# -- commands ------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    logs.setup(cfg.log.level, cfg.log.format)
+    listen = {k: v for k, v in cfg.listen.items() if v}
+    if not listen:
+        print("rookery: no listener enabled; set [listen] smtp/imap/http/... in the config", file=sys.stderr)
+        return 2
+    data = f"--data {cfg.data_dir}" if not getattr(args, "config", None) else f"--config {args.config}"
+    print(
+        "Rookery node starting\n"
+        + "".join(f"  {name:<12} {addr}\n" for name, addr in listen.items())
+        + f"  store        {cfg.store.backend} ({cfg.data_dir})\n\n"
+        "Add a domain and an account (in another terminal):\n"
+        f"  .venv/bin/rookery {data} domain add example.org\n"
+        f"  echo secret | .venv/bin/rookery {data} account add alice@example.org --password-stdin\n"
+        + (
+            f"Send mail:  swaks --server {listen['smtp']} --to alice@example.org  (or python3 -m smtplib)\n"
+            if "smtp" in listen
+            else ""
+        )
+        + f"Read mail:  .venv/bin/rookery {data} mail list alice@example.org\n",
+        flush=True,
+    )
+    node = Node(cfg)
+    try:
+        asyncio.run(node.run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    print(configmod.describe(), end="")
+    return 0
+
+
+def cmd_domain_add(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    async def fn(s: Storage) -> None:
+        print(f"added domain {await s.directory.add_domain(args.name)}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_domain_list(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    async def fn(s: Storage) -> None:
+        for name in await s.directory.list_domains():
+            print(name)
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_domain_remove(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    async def fn(s: Storage) -> None:
+        await s.directory.remove_domain(args.name)
+        print(f"removed domain {args.name}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_account_add(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    password = _read_password(args)
+    quota = configmod._size(args.quota)
+
+    async def fn(s: Storage) -> None:
+        account = await s.directory.add_account(args.email, password, quota or cfg.limits.default_quota)
+        print(f"added account {account.email} (id {account.id})")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_account_passwd(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    password = _read_password(args)
+
+    async def fn(s: Storage) -> None:
+        await s.directory.set_password(args.email, password)
+        print(f"password changed for {args.email}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_account_list(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    async def fn(s: Storage) -> None:
+        from storage.mail import quota_usage
+
+        for account in await s.directory.list_accounts(args.domain):
+            used, count = await s.db.read(lambda tr, a=account.id: quota_usage(tr, a))
+            quota = "unlimited" if not account.quota else f"{account.quota}"
+            print(f"{account.email}\tmessages={count}\tused={used}\tquota={quota}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_account_remove(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    async def fn(s: Storage) -> None:
+        await s.remove_account(args.email)
+        print(f"removed account {args.email}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_alias_add(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    async def fn(s: Storage) -> None:
+        if args.alias.startswith("@"):
+            await s.directory.set_catchall(args.alias[1:], args.target)
+        else:
+            await s.directory.add_alias(args.alias, args.target)
+        print(f"added alias {args.alias} -> {args.target}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_alias_list(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    async def fn(s: Storage) -> None:
+        for alias, target in await s.directory.list_aliases():
+            print(f"{alias}\t{target}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_alias_remove(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    async def fn(s: Storage) -> None:
+        if args.alias.startswith("@"):
+            await s.directory.set_catchall(args.alias[1:], None)
+        else:
+            await s.directory.remove_alias(args.alias)
+        print(f"removed alias {args.alias}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_mail_list(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from storage import mime
+
+    async def fn(s: Storage) -> None:
+        account = await s.directory.get(args.email)
+        for msg, email in await s.mail.list_messages(account.id, args.mailbox):
+            subject = ""
+            if email is not None and email.structure is not None:
+                subject = mime.decode_words(email.structure.envelope.subject or "")
+            subject = subject.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+            date = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(msg.internal_date))
+            flags = " ".join(msg.flags) or "-"
+            print(f"{msg.uid}\t{flags}\t{msg.size}\t{date}\t{subject}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args)
+        code: int = args.handler(args, cfg)
+    except configmod.ConfigError as exc:
+        print(f"rookery: config: {exc}", file=sys.stderr)
+        return 2
+    except RookeryError as exc:
+        print(f"rookery: {exc.text}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""One config schema feeding the TOML file, ``ROOKERY_*`` variables and the CLI.
+
+Every option has a section, a key, a type, a default and a help line. The
+resolved :class:`Config` is immutable and handed to constructors; nothing
+reads ``os.environ`` deep inside a handler (STYLE.md, Radicale ``config.py``).
+
+Precedence: defaults < TOML file < environment < ``--set section.key=value``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A config value is missing, unknown or of the wrong type."""
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _size(value: Any) -> int:
+    """Bytes, with an optional K/M/G suffix (powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().upper().removesuffix("B")
+    factor = 1
+    for suffix, mult in (("K", 1024), ("M", 1024**2), ("G", 1024**3)):
+        if text.endswith(suffix):
+            text, factor = text[:-1], mult
+    return int(float(text) * factor)
+
+
+def _list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    return tuple(part.strip() for part in str(value).split(",") if part.strip())
+
+
+def _str(value: Any) -> str:
+    return str(value)
+
+
+def _float(value: Any) -> float:
+    return float(value)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("not an integer")
+    return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    section: str
+    key: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return f"ROOKERY_{self.section}_{self.key}".upper()
+
+
+SCHEMA: tuple[Option, ...] = (
+    Option("server", "hostname", _str, "", "Host name used in greetings and Received: (default: the machine's FQDN)."),
+    Option("server", "data_dir", _str, "./data", "Directory for the embedded store, TLS material and state."),
+    Option("server", "shutdown_timeout", _float, 10.0, "Seconds sessions get to finish on SIGTERM before they are closed."),
+    Option("listen", "smtp", _str, "", "Inbound MX SMTP listener host:port (empty: off)."),
+    Option("listen", "submission", _str, "", "Submission listener with STARTTLS (RFC 6409) host:port."),
+    Option("listen", "submissions", _str, "", "Submission listener with implicit TLS (RFC 8314) host:port."),
+    Option("listen", "imap", _str, "", "IMAP listener host:port."),
+    Option("listen", "imaps", _str, "", "IMAP listener with implicit TLS host:port."),
+    Option("listen", "http", _str, "", "HTTP listener (health, metrics, JMAP, DAV) host:port."),
+    Option("listen", "cluster", _str, "", "Peer channel listener host:port."),
+    Option("store", "backend", _str, "embedded", "Store backend: embedded, foundationdb, or module:Class."),
+    Option("store", "cluster_file", _str, "", "FoundationDB cluster file (backend = foundationdb)."),
+    Option("store", "inject_conflicts", _float, 0.0, "Test mode: fraction of embedded transactions failed as conflicts."),
+    Option("tls", "cert", _str, "", "PEM certificate chain; empty: a self-signed one in the data directory."),
+    Option("tls", "key", _str, "", "PEM private key for [tls] cert."),
+    Option("smtp", "max_message_size", _size, 50 * 1024**2, "Largest message accepted, in bytes (SIZE, RFC 1870)."),
+    Option("smtp", "max_recipients", _int, 100, "Most RCPT TO per message (RFC 5321 §4.5.3.1.8 asks for at least 100)."),
+    Option("smtp", "command_timeout", _float, 300.0, "Seconds to wait for an SMTP command (RFC 5321 §4.5.3.2.7)."),
+    Option("smtp", "data_timeout", _float, 600.0, "Seconds a DATA transfer may take in all."),
+    Option("smtp", "max_connections", _int, 1000, "Concurrent SMTP connections per listener."),
+    Option("smtp", "max_bad_commands", _int, 20, "Bad commands before the connection is closed."),
+    Option("security", "allow_plaintext_auth", _bool, False, "Allow AUTH/LOGIN without TLS from non-loopback peers."),
+    Option("security", "failed_login_delay", _float, 1.0, "Seconds to wait before answering a failed login."),
+    Option("security", "max_failed_logins", _int, 10, "Failed logins per client IP per 5 minutes before refusing."),
+    Option("limits", "default_quota", _size, 0, "Storage quota of new accounts in bytes (0: unlimited)."),
+    Option("log", "level", _str, "info", "Log level: debug, info, warning, error."),
+    Option("log", "format", _str, "text", "Log format: text or json."),
+)
+
+_BY_NAME = {(o.section, o.key): o for o in SCHEMA}
+
+
+class Section:
+    """Read-only attribute access to one section's resolved values."""
+
+    __slots__ = ("_name", "_values")
+
+    def __init__(self, name: str, values: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_values", MappingProxyType(dict(values)))
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"no option [{self._name}] {key}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("config is immutable")
+
+    def items(self) -> Any:
+        return self._values.items()
+
+
+class Config:
+    """The resolved, immutable configuration of one node."""
+
+    def __init__(self, values: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Mapping[str, Any]]) -> None:
+        self._sections = {name: Section(name, vals) for name, vals in values.items()}
+        #: Free-form tables (e.g. ``[routes]``) whose keys are not fixed.
+        self.extra = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in extra.items()})
+
+    def __getattr__(self, name: str) -> Section:
+        try:
+            return self._sections[name]
+        except KeyError:
+            raise AttributeError(f"no config section [{name}]") from None
+
+    @property
+    def hostname(self) -> str:
+        return str(self._sections["server"].hostname) or socket.getfqdn()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self._sections["server"].data_dir)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dict(sec.items()) for name, sec in self._sections.items()}
+
+
+#: Tables allowed in the file beside the schema's sections, with free keys.
+FREE_TABLES = ("routes",)
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Resolve the configuration.
+
+    ``overrides`` maps ``"section.key"`` to a value (the CLI's ``--set`` and
+    ``--data``). Raises :class:`ConfigError` on unknown keys or bad values.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, dict[str, Any]] = {}
+    for opt in SCHEMA:
+        values.setdefault(opt.section, {})[opt.key] = opt.default
+    extra: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, key: str, raw: Any, origin: str) -> None:
+        opt = _BY_NAME.get((section, key))
+        if opt is None:
+            raise ConfigError(f"{origin}: unknown option [{section}] {key}")
+        try:
+            values[section][key] = opt.parse(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{origin}: bad value for [{section}] {key}: {exc}") from None
+
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: [{section}] must be a table")
+            if section in FREE_TABLES:
+                extra[section] = dict(table)
+                continue
+            for key, raw in table.items():
+                put(section, key, raw, str(path))
+    for opt in SCHEMA:
+        if opt.env in environ:
+            put(opt.section, opt.key, environ[opt.env], f"${opt.env}")
+    for name, raw in (overrides or {}).items():
+        section, _, key = name.partition(".")
+        if section in FREE_TABLES:
+            extra.setdefault(section, {})[key] = raw
+            continue
+        put(section, key, raw, "command line")
+    return Config(values, extra)
+
+
+def describe() -> str:
+    """The schema as a commented TOML document (``rookery config``)."""
+    lines: list[str] = []
+    section = None
+    for opt in SCHEMA:
+        if opt.section != section:
+            section = opt.section
+            lines.append(f"\n[{section}]")
+        default = opt.default
+        rendered = f'"{default}"' if isinstance(default, str) else str(default).lower() if isinstance(default, bool) else repr(default)
+        lines.append(f"# {opt.help}  (env {opt.env})")
+        lines.append(f"{opt.key} = {rendered}")
+    return "\n".join(lines).lstrip() + "\n"

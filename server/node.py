@@ -1,0 +1,210 @@
+"""The node: every enabled listener and worker on one loop, one lifecycle.
+
+Services start on one :class:`contextlib.AsyncExitStack`; shared per-process
+state is the small :class:`ServerState` handed to them (STYLE.md, uvicorn's
+``ServerState``). SIGTERM or SIGINT drains: readiness goes false at once,
+listeners stop accepting, sessions get ``[server] shutdown_timeout`` seconds
+to finish, the rest are closed with a polite error, then the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from storage import Storage
+
+from .config import Config
+from .tls import ensure_self_signed, server_context
+
+log = logging.getLogger("rookery.node")
+
+PURGE_INTERVAL = 600.0
+
+
+def split_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"[listen] {what} must be host:port, not {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Service(Protocol):
+    """A listener or worker run by the node."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    def stop_accepting(self) -> None: ...
+
+    async def drain(self, deadline: float) -> None: ...
+
+
+@dataclass(slots=True)
+class ServerState:
+    """The per-process state services share."""
+
+    config: Config
+    storage: Storage
+    tls: ssl.SSLContext
+    hostname: str
+    node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    started: float = field(default_factory=time.time)
+    phase: str = "starting"  # starting, ready, draining, stopped
+    #: Actual ports after binding (port 0 in config picks a free one).
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready"
+
+
+def make_tls(config: Config) -> ssl.SSLContext:
+    if config.tls.cert:
+        return server_context(config.tls.cert, config.tls.key or config.tls.cert)
+    cert, key = ensure_self_signed(config.data_dir, config.hostname)
+    return server_context(cert, key)
+
+
+def open_storage(config: Config) -> Storage:
+    """Open the configured store behind the domain API."""
+    if config.store.backend == "embedded":
+        options: dict[str, object] = {"data_dir": config.data_dir, "inject_conflicts": config.store.inject_conflicts}
+    elif config.store.backend == "foundationdb":
+        options = {"cluster_file": config.store.cluster_file}
+    else:
+        options = {"data_dir": config.data_dir}
+    return Storage.open(
+        config.store.backend,
+        failed_login_delay=config.security.failed_login_delay,
+        max_failed_logins=config.security.max_failed_logins,
+        **options,
+    )
+
+
+class SmtpService:
+    name = "smtp"
+
+    def __init__(self, state: ServerState, address: str) -> None:
+        from protocols.smtp.server import SmtpListener
+        from protocols.smtp.session import InboundHandler, SmtpLimits
+
+        cfg = state.config.smtp
+        limits = SmtpLimits(cfg.max_message_size, cfg.max_recipients, cfg.command_timeout, cfg.max_connections)
+        self.state = state
+        self.address = split_hostport(address, "smtp")
+        self.listener = SmtpListener(InboundHandler(state.storage, state.hostname, limits), state.hostname, limits, state.tls)
+
+    async def start(self) -> None:
+        self.state.ports[self.name] = await self.listener.start(*self.address)
+
+    def stop_accepting(self) -> None:
+        self.listener.stop_accepting()
+
+    async def drain(self, deadline: float) -> None:
+        await self.listener.drain(deadline)
+
+
+class PurgeWorker:
+    """Deletes unreferenced blobs past their grace period, now and then."""
+
+    name = "purge"
+
+    def __init__(self, state: ServerState, interval: float = PURGE_INTERVAL) -> None:
+        self.state = state
+        self.interval = interval
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name="purge")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                n = await self.state.storage.mail.purge()
+                if n:
+                    log.info("purged orphaned blobs", extra={"count": n})
+            except Exception:
+                log.exception("blob purge failed")
+
+    def stop_accepting(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def drain(self, deadline: float) -> None:
+        if self.task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+class Node:
+    """One Rookery process."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stopping = asyncio.Event()
+        self.state: ServerState | None = None
+        self.services: list[Service] = []
+
+    def build_services(self, state: ServerState) -> list[Service]:
+        from .http import HttpService
+
+        listen = self.config.listen
+        services: list[Service] = []
+        if listen.smtp:
+            services.append(SmtpService(state, listen.smtp))
+        if listen.http:
+            services.append(HttpService(state, listen.http))
+        services.append(PurgeWorker(state))
+        return services
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        async with contextlib.AsyncExitStack() as stack:
+            storage = open_storage(self.config)
+            stack.push_async_callback(storage.close)
+            tls = await loop.run_in_executor(None, make_tls, self.config)
+            state = self.state = ServerState(self.config, storage, tls, self.config.hostname)
+            self.services = self.build_services(state)
+            for service in self.services:
+                await service.start()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self.request_stop)
+                    stack.callback(loop.remove_signal_handler, sig)
+            state.phase = "ready"
+            log.info(
+                "node ready",
+                extra={"node": state.node_id, "ports": ",".join(f"{k}={v}" for k, v in state.ports.items())},
+            )
+            if ready is not None:
+                ready.set()
+            await self.stopping.wait()
+            await self.shutdown(state)
+
+    async def shutdown(self, state: ServerState) -> None:
+        state.phase = "draining"
+        log.info("node draining", extra={"node": state.node_id})
+        deadline = self.config.server.shutdown_timeout
+        # The HTTP listener goes last, so probes see "not ready" while the
+        # others drain rather than a refused connection.
+        first = [s for s in self.services if s.name != "http"]
+        last = [s for s in self.services if s.name == "http"]
+        for group in (first, last):
+            for service in group:
+                service.stop_accepting()
+            await asyncio.gather(*(service.drain(deadline) for service in group), return_exceptions=True)
+        state.phase = "stopped"
+        log.info("node stopped", extra={"node": state.node_id})

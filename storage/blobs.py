@@ -1,0 +1,146 @@
+"""Content-addressed blobs (message bodies, DAV resources).
+
+A blob is named by the SHA-256 of its bytes and stored in chunks of at most
+:data:`CHUNK_SIZE` bytes (FoundationDB values are ≤ 100 kB). The same bytes
+delivered to many local recipients are stored once; each user of a blob
+writes a reference ``("br", digest, account, email)``.
+
+Writing: a small blob is written inside the transaction that links it, which
+is atomic and well within the 10 MB / 5 s limits. A large blob is written
+first in transactions of its own, each marking it possibly orphaned, and only
+then linked (DESIGN.md "Blobs"). A blob whose last reference goes is marked
+orphaned too. The purger deletes blobs marked longer ago than a grace period
+that still have no reference; a blob written but not yet linked is therefore
+never taken while its writer is still working.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+from collections.abc import AsyncIterator
+
+from . import keys
+from .kv.base import Database, ReadTransaction, Transaction
+
+CHUNK_SIZE = 96 * 1024
+#: Blobs up to this size are written in the linking transaction.
+INLINE_MAX = 1024 * 1024
+#: Bytes of chunks per transaction when writing a large blob separately.
+WRITE_BATCH = 4 * 1024 * 1024
+#: An orphan younger than this is left alone (its writer may still link it).
+GRACE_SECONDS = 3600
+
+
+def digest_of(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def exists(tr: ReadTransaction, digest: bytes) -> bool:
+    return tr.get(keys.blob_meta(digest)) is not None
+
+
+def size_of(tr: ReadTransaction, digest: bytes) -> int | None:
+    raw = tr.get(keys.blob_meta(digest))
+    return None if raw is None else int(struct.unpack(">QI", raw)[0])
+
+
+def write_chunks(tr: Transaction, digest: bytes, data: bytes, first: int, last: int) -> None:
+    """Write chunks ``first..last-1`` of ``data``."""
+    for index in range(first, last):
+        tr.set(keys.blob_chunk(digest, index), data[index * CHUNK_SIZE : (index + 1) * CHUNK_SIZE])
+
+
+def chunk_count(size: int) -> int:
+    return max(1, -(-size // CHUNK_SIZE))
+
+
+def put_inline(tr: Transaction, digest: bytes, data: bytes) -> None:
+    """Store a small blob in the caller's transaction (no-op if present)."""
+    if exists(tr, digest):
+        return
+    write_chunks(tr, digest, data, 0, chunk_count(len(data)))
+    tr.set(keys.blob_meta(digest), struct.pack(">QI", len(data), chunk_count(len(data))))
+
+
+async def put_large(db: Database, digest: bytes, data: bytes) -> None:
+    """Store a large blob before it is linked, in transactions of its own."""
+    if await db.read(lambda tr: exists(tr, digest)):
+        return
+    total = chunk_count(len(data))
+    per_batch = max(1, WRITE_BATCH // CHUNK_SIZE)
+    now = int(time.time())
+    for first in range(0, total, per_batch):
+        last = min(total, first + per_batch)
+
+        def fn(tr: Transaction, first: int = first, last: int = last) -> None:
+            write_chunks(tr, digest, data, first, last)
+            tr.set(keys.blob_orphan(now, digest), b"")
+
+        await db.transact(fn)
+
+    def finish(tr: Transaction) -> None:
+        tr.set(keys.blob_meta(digest), struct.pack(">QI", len(data), total))
+
+    await db.transact(finish)
+
+
+def link(tr: Transaction, digest: bytes, acct: int, email_id: int) -> None:
+    tr.set(keys.blob_ref(digest, acct, email_id), b"")
+
+
+def unlink(tr: Transaction, digest: bytes, acct: int, email_id: int) -> None:
+    """Drop one reference; mark the blob orphaned if it was the last."""
+    tr.clear(keys.blob_ref(digest, acct, email_id))
+    if not tr.get_range(*keys.blob_refs(digest), limit=1):
+        tr.set(keys.blob_orphan(int(time.time()), digest), b"")
+
+
+def read_range(tr: ReadTransaction, digest: bytes, start: int = 0, length: int | None = None) -> bytes:
+    """Bytes ``start .. start+length`` of a blob, reading only the chunks needed."""
+    size = size_of(tr, digest)
+    if size is None:
+        return b""
+    end = size if length is None else min(size, start + length)
+    if start >= end:
+        return b""
+    first, last = start // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+    rows = tr.get_range(keys.blob_chunk(digest, first), keys.blob_chunk(digest, last + 1))
+    data = b"".join(v for _, v in rows)
+    offset = start - first * CHUNK_SIZE
+    return data[offset : offset + (end - start)]
+
+
+async def read(db: Database, digest: bytes, start: int = 0, length: int | None = None) -> bytes:
+    """Read a (part of a) blob, several transactions for large ones."""
+    size = await db.read(lambda tr: size_of(tr, digest))
+    if size is None:
+        return b""
+    end = size if length is None else min(size, start + length)
+    parts = [part async for part in stream(db, digest, start, end)]
+    return b"".join(parts)
+
+
+async def stream(db: Database, digest: bytes, start: int, end: int) -> AsyncIterator[bytes]:
+    """Yield bytes ``start..end`` in pieces of at most a few MB each."""
+    step = WRITE_BATCH
+    pos = start
+    while pos < end:
+        n = min(step, end - pos)
+        yield await db.read(lambda tr, pos=pos, n=n: read_range(tr, digest, pos, n))
+        pos += n
+
+
+def purge_orphans(tr: Transaction, now: float, limit: int = 100) -> int:
+    """Delete up to ``limit`` blobs orphaned before ``now - GRACE_SECONDS`` that
+    still have no reference. Returns how many markers were handled."""
+    rows = tr.get_range(*keys.blob_orphans_before(int(now - GRACE_SECONDS)), limit=limit)
+    for key, _ in rows:
+        digest = keys.unpack(key)[2]
+        tr.clear(key)
+        if tr.get_range(*keys.blob_refs(digest), limit=1):
+            continue
+        tr.clear_range(*keys.blob_chunks(digest))
+        tr.clear(keys.blob_meta(digest))
+    return len(rows)

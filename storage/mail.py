@@ -1,0 +1,811 @@
+"""Mail: mailboxes, messages, threads, quotas and the per-account change log.
+
+Model (Stalwart/JMAP-like): an *email* is one stored message of an account
+(blob, size, parsed structure, thread); it sits in one or more *mailboxes*,
+each time as a *message* with its own UID, flags and MODSEQ (IMAP's view).
+Every write to an account takes the next id of the account's change counter;
+that id is the MODSEQ of what it touched, a JMAP state, a DAV sync token
+(DESIGN.md "Change log"). UIDs are allocated from the mailbox record in the
+inserting transaction, so UID order is commit order (RFC 9051 §2.3.1.1).
+
+Functions taking ``tr`` first are transaction bodies: idempotent, no side
+effects. :class:`MailStore` wraps them in transactions and runs the after-
+commit hooks (wake IDLE sessions, tell peers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from . import blobs, keys, mime
+from .directory import get_account
+from .errors import (
+    AlreadyExists,
+    Forbidden,
+    InvalidInput,
+    MailboxNotFound,
+    QuotaExceeded,
+    TemporaryQuotaExceeded,
+    UnknownUser,
+)
+from .kv.base import MAX_VALUE_SIZE, Database, ReadTransaction, RetryableError, Transaction, decode_counter
+
+#: Hierarchy delimiter of mailbox names (IMAP LIST).
+DELIMITER = "/"
+#: RFC 6154 special-use mailboxes every new account gets.
+DEFAULT_MAILBOXES = (
+    ("INBOX", None),
+    ("Sent", "\\Sent"),
+    ("Drafts", "\\Drafts"),
+    ("Trash", "\\Trash"),
+    ("Junk", "\\Junk"),
+    ("Archive", "\\Archive"),
+)
+SPECIAL_USES = {"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"}
+SEEN = "\\Seen"
+DELETED = "\\Deleted"
+#: Flags a message may carry besides keywords (RFC 9051 §2.3.2; \Recent is
+#: not stored: IMAP4rev2 dropped it and we report none).
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+MAX_MAILBOX_NAME = 1000
+MAX_FLAGS = 100
+MAX_FLAG_LENGTH = 250
+#: Parsed structures of emails are immutable, so a cache of them is always
+#: valid (ids are never reused); this bounds its size.
+STRUCTURE_CACHE = 20_000
+#: Parse in a thread above this size, so a huge message never stalls the loop.
+PARSE_INLINE_MAX = 256 * 1024
+
+ChangeHook = Callable[[int, int, frozenset[str]], None]
+
+
+class BlobMissing(RetryableError):
+    """A large blob was purged between its write and its link: write it again."""
+
+
+@dataclass(slots=True)
+class Mailbox:
+    id: int
+    name: str
+    uidvalidity: int
+    uidnext: int
+    special_use: str | None = None
+    subscribed: bool = True
+    created: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "id": self.id,
+                "name": self.name,
+                "uv": self.uidvalidity,
+                "un": self.uidnext,
+                "su": self.special_use,
+                "sub": self.subscribed,
+                "c": self.created,
+            }
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Mailbox:
+        d = json.loads(raw)
+        return cls(d["id"], d["name"], d["uv"], d["un"], d.get("su"), d.get("sub", True), d.get("c", 0.0))
+
+
+@dataclass(slots=True)
+class Message:
+    """A message in a mailbox (IMAP's view)."""
+
+    uid: int
+    email_id: int
+    modseq: int
+    flags: tuple[str, ...]
+    internal_date: int
+    size: int
+
+    def to_bytes(self) -> bytes:
+        return keys.pack((self.email_id, self.modseq, self.flags, self.internal_date, self.size))
+
+    @classmethod
+    def from_kv(cls, uid: int, raw: bytes) -> Message:
+        email_id, modseq, flags, internal_date, size = keys.unpack(raw)
+        return cls(uid, email_id, modseq, tuple(flags), internal_date, size)
+
+
+@dataclass(slots=True)
+class Email:
+    """A stored message of an account (content, independent of mailboxes)."""
+
+    id: int
+    digest: bytes
+    size: int
+    received: int
+    thread_id: int
+    structure: mime.Message | None = field(default=None, repr=False)
+
+
+@dataclass(slots=True)
+class MailboxStatus:
+    mailbox: Mailbox
+    messages: int
+    unseen: int
+    deleted: int
+    size: int
+    highestmodseq: int
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What SELECT needs: the mailbox, its messages in UID order, HIGHESTMODSEQ."""
+
+    mailbox: Mailbox
+    messages: list[Message]
+    highestmodseq: int
+
+
+@dataclass(slots=True)
+class MailboxChanges:
+    """Changes in a mailbox after a MODSEQ (IDLE, NOOP, QRESYNC)."""
+
+    changed: list[Message]  # new or flag-changed, in UID order
+    expunged: list[int]  # UIDs
+    highestmodseq: int
+    exists: bool = True  # False: the mailbox was deleted or renamed away
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One email stored for one account by :meth:`MailStore.deliver`."""
+
+    account: int
+    mailbox: int
+    uid: int
+    email_id: int
+    change_id: int
+
+
+# -- small helpers -----------------------------------------------------------
+
+def _counter(tr: ReadTransaction, key: bytes) -> int:
+    return decode_counter(tr.get(key))
+
+
+def _next_seq(tr: Transaction, acct: int, name: str) -> int:
+    key = keys.account_seq(acct, name)
+    value = _counter(tr, key) + 1
+    tr.add(key, 1)
+    return value
+
+
+def record_change(tr: Transaction, acct: int, kinds: Iterable[str], mailboxes: Iterable[int] = ()) -> int:
+    """Take the account's next change id and log what it touched."""
+    key = keys.change_counter(acct)
+    change_id = _counter(tr, key) + 1
+    tr.add(key, 1)
+    tr.set(keys.change(acct, change_id), json.dumps({"k": sorted(set(kinds)), "b": sorted(set(mailboxes))}).encode())
+    return change_id
+
+
+def last_change(tr: ReadTransaction, acct: int) -> int:
+    return _counter(tr, keys.change_counter(acct))
+
+
+def changes_since(tr: ReadTransaction, acct: int, since: int, limit: int = 0) -> list[tuple[int, frozenset[str], list[int]]]:
+    rows = tr.get_range(*keys.changes_since(acct, since), limit=limit)
+    out = []
+    for k, v in rows:
+        d = json.loads(v)
+        out.append((keys.unpack(k)[3], frozenset(d["k"]), d["b"]))
+    return out
+
+
+def validate_mailbox_name(name: str) -> str:
+    """Normalize a mailbox name: INBOX case-insensitive, no empty levels."""
+    if not name or len(name) > MAX_MAILBOX_NAME:
+        raise InvalidInput("invalid mailbox name")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in name) or "*" in name or "%" in name:
+        raise InvalidInput("mailbox name contains a forbidden character")
+    name = name.rstrip(DELIMITER)
+    parts = name.split(DELIMITER)
+    if any(not p for p in parts):
+        raise InvalidInput("mailbox name has an empty level")
+    if parts[0].upper() == "INBOX":
+        parts[0] = "INBOX"
+    return DELIMITER.join(parts)
+
+
+def validate_flags(flags: Iterable[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    canon = {f.lower(): f for f in SYSTEM_FLAGS}
+    for flag in flags:
+        if flag.startswith("\\"):
+            if flag.lower() == "\\recent":
+                continue
+            if flag.lower() not in canon:
+                raise InvalidInput(f"unknown system flag {flag}")
+            flag = canon[flag.lower()]
+        elif not flag or len(flag) > MAX_FLAG_LENGTH or any(c in flag for c in '(){ %*"\\]') or not flag.isprintable():
+            raise InvalidInput(f"invalid keyword {flag!r}")
+        if flag not in out:
+            out.append(flag)
+    if len(out) > MAX_FLAGS:
+        raise InvalidInput("too many flags")
+    return tuple(sorted(out))
+
+
+# -- mailboxes -----------------------------------------------------------------
+
+def get_mailbox(tr: ReadTransaction, acct: int, mbox: int) -> Mailbox | None:
+    raw = tr.get(keys.mailbox(acct, mbox))
+    return None if raw is None else Mailbox.from_bytes(raw)
+
+
+def find_mailbox(tr: ReadTransaction, acct: int, name: str) -> Mailbox:
+    name = validate_mailbox_name(name)
+    raw = tr.get(keys.mailbox_name(acct, name))
+    box = None if raw is None else get_mailbox(tr, acct, int(raw))
+    if box is None:
+        raise MailboxNotFound(f"mailbox {name} does not exist")
+    return box
+
+
+def list_mailboxes(tr: ReadTransaction, acct: int) -> list[Mailbox]:
+    boxes = [Mailbox.from_bytes(v) for _, v in tr.get_range(*keys.mailboxes(acct))]
+    return sorted(boxes, key=lambda b: (b.name != "INBOX", b.name))
+
+
+def _new_uidvalidity(tr: Transaction, acct: int) -> int:
+    # Unique per account and increasing, as RFC 9051 §2.3.1.1 wants for a
+    # name re-created after deletion; seeded from the clock, 32-bit.
+    key = keys.account_seq(acct, "uidvalidity")
+    value = max(_counter(tr, key) + 1, int(time.time()) & 0x7FFFFFFF)
+    tr.set(key, value.to_bytes(8, "little", signed=True))
+    return value
+
+
+def create_mailbox(tr: Transaction, acct: int, name: str, special_use: str | None = None) -> Mailbox:
+    """Create ``name`` and any missing parents (RFC 9051 §6.3.4)."""
+    name = validate_mailbox_name(name)
+    if special_use is not None and special_use not in SPECIAL_USES:
+        raise InvalidInput(f"unknown special use {special_use}")
+    if tr.get(keys.mailbox_name(acct, name)) is not None:
+        raise AlreadyExists(f"mailbox {name} already exists")
+    parts = name.split(DELIMITER)
+    created = None
+    for depth in range(1, len(parts) + 1):
+        path = DELIMITER.join(parts[:depth])
+        if tr.get(keys.mailbox_name(acct, path)) is not None:
+            continue
+        mbox = _next_seq(tr, acct, "mbox")
+        box = Mailbox(mbox, path, _new_uidvalidity(tr, acct), 1, special_use if path == name else None, True, time.time())
+        tr.set(keys.mailbox(acct, mbox), box.to_bytes())
+        tr.set(keys.mailbox_name(acct, path), str(mbox).encode())
+        created = box
+    assert created is not None
+    record_change(tr, acct, ["Mailbox"], [created.id])
+    return created
+
+
+def create_default_mailboxes(tr: Transaction, acct: int) -> None:
+    for name, use in DEFAULT_MAILBOXES:
+        if tr.get(keys.mailbox_name(acct, name)) is None:
+            create_mailbox(tr, acct, name, use)
+
+
+def _children(tr: ReadTransaction, acct: int, name: str) -> list[Mailbox]:
+    prefix = name + DELIMITER
+    return [b for b in list_mailboxes(tr, acct) if b.name.startswith(prefix)]
+
+
+def delete_mailbox(tr: Transaction, acct: int, name: str) -> Mailbox:
+    box = find_mailbox(tr, acct, name)
+    if box.name == "INBOX":
+        raise Forbidden("INBOX cannot be deleted")
+    if _children(tr, acct, box.name):
+        raise InvalidInput(f"mailbox {box.name} has children; delete them first")
+    messages = [Message.from_kv(keys.unpack(k)[-1], v) for k, v in tr.get_range(*keys.messages(acct, box.id))]
+    _remove_messages(tr, acct, box.id, messages, modseq=None)
+    for begin, end in keys.mailbox_all(acct, box.id):
+        tr.clear_range(begin, end)
+    tr.clear(keys.mailbox(acct, box.id))
+    tr.clear(keys.mailbox_name(acct, box.name))
+    record_change(tr, acct, ["Mailbox", "Email", "Thread"], [box.id])
+    return box
+
+
+def rename_mailbox(tr: Transaction, acct: int, old: str, new: str) -> Mailbox:
+    """RENAME (RFC 9051 §6.3.6): children move along; renaming INBOX moves its
+    messages to a new mailbox and leaves INBOX empty."""
+    box = find_mailbox(tr, acct, old)
+    new = validate_mailbox_name(new)
+    if tr.get(keys.mailbox_name(acct, new)) is not None:
+        raise AlreadyExists(f"mailbox {new} already exists")
+    if new == box.name or new.startswith(box.name + DELIMITER):
+        raise InvalidInput("cannot rename a mailbox into itself")
+    if box.name == "INBOX":
+        target = create_mailbox(tr, acct, new)
+        messages = [Message.from_kv(keys.unpack(k)[-1], v) for k, v in tr.get_range(*keys.messages(acct, box.id))]
+        if messages:
+            move_messages(tr, acct, box.id, [m.uid for m in messages], target.id)
+        return target
+    # Parents of the new name are created as CREATE would.
+    parent = new.rpartition(DELIMITER)[0]
+    if parent and tr.get(keys.mailbox_name(acct, parent)) is None:
+        create_mailbox(tr, acct, parent)
+    old_name = box.name
+    moved = [box] + _children(tr, acct, old_name)
+    for b in moved:
+        tr.clear(keys.mailbox_name(acct, b.name))
+    for b in moved:
+        b.name = new + b.name[len(old_name) :]
+        tr.set(keys.mailbox(acct, b.id), b.to_bytes())
+        tr.set(keys.mailbox_name(acct, b.name), str(b.id).encode())
+    record_change(tr, acct, ["Mailbox"], [b.id for b in moved])
+    return box
+
+
+def set_subscribed(tr: Transaction, acct: int, name: str, subscribed: bool) -> None:
+    box = find_mailbox(tr, acct, name)
+    box.subscribed = subscribed
+    tr.set(keys.mailbox(acct, box.id), box.to_bytes())
+    record_change(tr, acct, ["Mailbox"], [box.id])
+
+
+def highest_modseq(tr: ReadTransaction, acct: int, mbox: int) -> int:
+    top = 0
+    for rng in (keys.modseq_since(acct, mbox, 0), keys.expunged_since(acct, mbox, 0)):
+        rows = tr.get_range(*rng, limit=1, reverse=True)
+        if rows:
+            top = max(top, keys.unpack(rows[0][0])[4])
+    return top
+
+
+def mailbox_status(tr: ReadTransaction, acct: int, box: Mailbox) -> MailboxStatus:
+    counts = {keys.unpack(k)[-1]: decode_counter(v) for k, v in tr.get_range(*keys.mailbox_counters(acct, box.id))}
+    return MailboxStatus(
+        box, counts.get("n", 0), counts.get("unseen", 0), counts.get("deleted", 0), counts.get("size", 0),
+        highest_modseq(tr, acct, box.id),
+    )
+
+
+def _count(tr: Transaction, acct: int, mbox: int, msg: Message, sign: int) -> None:
+    tr.add(keys.mailbox_counter(acct, mbox, "n"), sign)
+    tr.add(keys.mailbox_counter(acct, mbox, "size"), sign * msg.size)
+    if SEEN not in msg.flags:
+        tr.add(keys.mailbox_counter(acct, mbox, "unseen"), sign)
+    if DELETED in msg.flags:
+        tr.add(keys.mailbox_counter(acct, mbox, "deleted"), sign)
+
+
+# -- messages ----------------------------------------------------------------------
+
+def _put_message(tr: Transaction, acct: int, mbox: int, msg: Message, old_modseq: int | None) -> None:
+    if old_modseq is not None:
+        tr.clear(keys.modseq_index(acct, mbox, old_modseq, msg.uid))
+    tr.set(keys.message(acct, mbox, msg.uid), msg.to_bytes())
+    tr.set(keys.modseq_index(acct, mbox, msg.modseq, msg.uid), b"")
+
+
+def _insert(tr: Transaction, acct: int, box: Mailbox, email_id: int, flags: tuple[str, ...], internal_date: int, size: int, modseq: int) -> Message:
+    uid = box.uidnext
+    box.uidnext += 1
+    tr.set(keys.mailbox(acct, box.id), box.to_bytes())
+    msg = Message(uid, email_id, modseq, flags, internal_date, size)
+    _put_message(tr, acct, box.id, msg, None)
+    tr.set(keys.location(acct, email_id, box.id, uid), b"")
+    _count(tr, acct, box.id, msg, +1)
+    return msg
+
+
+def get_messages(tr: ReadTransaction, acct: int, mbox: int, first: int = 1, last: int | None = None) -> list[Message]:
+    return [Message.from_kv(keys.unpack(k)[-1], v) for k, v in tr.get_range(*keys.messages(acct, mbox, first, last))]
+
+
+def get_message(tr: ReadTransaction, acct: int, mbox: int, uid: int) -> Message | None:
+    raw = tr.get(keys.message(acct, mbox, uid))
+    return None if raw is None else Message.from_kv(uid, raw)
+
+
+def snapshot(tr: ReadTransaction, acct: int, mbox: int) -> Snapshot:
+    box = get_mailbox(tr, acct, mbox)
+    if box is None:
+        raise MailboxNotFound("mailbox does not exist")
+    return Snapshot(box, get_messages(tr, acct, mbox), highest_modseq(tr, acct, mbox))
+
+
+def mailbox_changes(tr: ReadTransaction, acct: int, mbox: int, since: int) -> MailboxChanges:
+    box = get_mailbox(tr, acct, mbox)
+    if box is None:
+        return MailboxChanges([], [], since, exists=False)
+    uids = sorted({keys.unpack(k)[5] for k, _ in tr.get_range(*keys.modseq_since(acct, mbox, since))})
+    changed = [m for m in (get_message(tr, acct, mbox, uid) for uid in uids) if m is not None]
+    expunged = sorted({keys.unpack(k)[5] for k, _ in tr.get_range(*keys.expunged_since(acct, mbox, since))})
+    return MailboxChanges(changed, expunged, max(since, highest_modseq(tr, acct, mbox)))
+
+
+def store_flags(
+    tr: Transaction,
+    acct: int,
+    mbox: int,
+    uids: Sequence[int],
+    mode: str,
+    flags: Iterable[str],
+    unchangedsince: int | None = None,
+) -> tuple[list[Message], list[int]]:
+    """STORE (RFC 9051 §6.4.6; UNCHANGEDSINCE RFC 7162 §3.1.3).
+
+    ``mode`` is ``"add"``, ``"remove"`` or ``"replace"``. Returns the messages
+    whose flags changed (with their new MODSEQ) and the UIDs that failed the
+    UNCHANGEDSINCE test.
+    """
+    wanted = set(validate_flags(flags))
+    changed: list[Message] = []
+    failed: list[int] = []
+    modseq = 0
+    for uid in uids:
+        msg = get_message(tr, acct, mbox, uid)
+        if msg is None:
+            continue
+        if unchangedsince is not None and msg.modseq > unchangedsince:
+            failed.append(uid)
+            continue
+        current = set(msg.flags)
+        new = current | wanted if mode == "add" else current - wanted if mode == "remove" else wanted
+        if new == current:
+            continue
+        if not modseq:
+            modseq = record_change(tr, acct, ["Email"], [mbox])
+        _count(tr, acct, mbox, msg, -1)
+        old_modseq = msg.modseq
+        msg.flags = tuple(sorted(new))
+        msg.modseq = modseq
+        _count(tr, acct, mbox, msg, +1)
+        _put_message(tr, acct, mbox, msg, old_modseq)
+        changed.append(msg)
+    return changed, failed
+
+
+def _remove_messages(tr: Transaction, acct: int, mbox: int, messages: Sequence[Message], modseq: int | None) -> None:
+    for msg in messages:
+        tr.clear(keys.message(acct, mbox, msg.uid))
+        tr.clear(keys.modseq_index(acct, mbox, msg.modseq, msg.uid))
+        tr.clear(keys.location(acct, msg.email_id, mbox, msg.uid))
+        if modseq is not None:
+            tr.set(keys.expunged(acct, mbox, modseq, msg.uid), b"")
+            _count(tr, acct, mbox, msg, -1)
+        if not tr.get_range(*keys.locations(acct, msg.email_id), limit=1):
+            _destroy_email(tr, acct, msg.email_id)
+
+
+def _destroy_email(tr: Transaction, acct: int, email_id: int) -> None:
+    raw = tr.get(keys.email(acct, email_id))
+    if raw is None:
+        return
+    digest, size = keys.unpack(raw)[:2]
+    tr.clear(keys.email(acct, email_id))
+    tr.clear_range(*keys.email_structs(acct, email_id))
+    tr.add(keys.quota_used(acct), -size)
+    tr.add(keys.message_count(acct), -1)
+    blobs.unlink(tr, digest, acct, email_id)
+
+
+def expunge(tr: Transaction, acct: int, mbox: int, uids: Sequence[int] | None = None) -> list[int]:
+    """Remove messages flagged \\Deleted (only those in ``uids`` if given:
+    UID EXPUNGE, RFC 4315 §2.1). Returns the expunged UIDs."""
+    if uids is None:
+        candidates = get_messages(tr, acct, mbox)
+    else:
+        candidates = [m for m in (get_message(tr, acct, mbox, u) for u in uids) if m is not None]
+    doomed = [m for m in candidates if DELETED in m.flags]
+    if not doomed:
+        return []
+    modseq = record_change(tr, acct, ["Email", "Thread"], [mbox])
+    _remove_messages(tr, acct, mbox, doomed, modseq)
+    return [m.uid for m in doomed]
+
+
+def copy_messages(tr: Transaction, acct: int, src: int, uids: Sequence[int], dst: int) -> tuple[int, list[tuple[int, int]]]:
+    """COPY (RFC 9051 §6.4.7): returns the target UIDVALIDITY and (source UID,
+    new UID) pairs, for COPYUID (RFC 4315)."""
+    target = get_mailbox(tr, acct, dst)
+    if target is None:
+        raise MailboxNotFound("target mailbox does not exist")
+    pairs: list[tuple[int, int]] = []
+    modseq = 0
+    for uid in uids:
+        msg = get_message(tr, acct, src, uid)
+        if msg is None:
+            continue
+        if not modseq:
+            modseq = record_change(tr, acct, ["Email"], [dst])
+        new = _insert(tr, acct, target, msg.email_id, msg.flags, msg.internal_date, msg.size, modseq)
+        pairs.append((uid, new.uid))
+    return target.uidvalidity, pairs
+
+
+def move_messages(tr: Transaction, acct: int, src: int, uids: Sequence[int], dst: int) -> tuple[int, list[tuple[int, int]]]:
+    """MOVE (RFC 6851): copy then expunge the sources, atomically."""
+    uidvalidity, pairs = copy_messages(tr, acct, src, uids, dst)
+    if pairs:
+        moved = [m for m in (get_message(tr, acct, src, s) for s, _ in pairs) if m is not None]
+        modseq = record_change(tr, acct, ["Email"], [src])
+        for msg in moved:
+            tr.clear(keys.message(acct, src, msg.uid))
+            tr.clear(keys.modseq_index(acct, src, msg.modseq, msg.uid))
+            tr.clear(keys.location(acct, msg.email_id, src, msg.uid))
+            tr.set(keys.expunged(acct, src, modseq, msg.uid), b"")
+            _count(tr, acct, src, msg, -1)
+    return uidvalidity, pairs
+
+
+# -- emails ------------------------------------------------------------------------------
+
+def _thread_for(tr: Transaction, acct: int, parsed: mime.Message, email_id: int) -> int:
+    """Join the thread of any message this one refers to, or start one."""
+    refs = list(parsed.references)
+    for ref in refs:
+        raw = tr.get(keys.thread_ref(acct, blobs.digest_of(ref.encode())[:16]))
+        if raw is not None:
+            return int(raw)
+    return email_id
+
+
+def _store_email(
+    tr: Transaction,
+    acct: int,
+    digest: bytes,
+    size: int,
+    received: int,
+    parsed: mime.Message,
+    structure: bytes,
+) -> int:
+    email_id = _next_seq(tr, acct, "email")
+    thread_id = _thread_for(tr, acct, parsed, email_id)
+    for ref in ([parsed.message_id] if parsed.message_id else []) + list(parsed.references):
+        ref_key = keys.thread_ref(acct, blobs.digest_of(ref.encode())[:16])
+        if tr.get(ref_key) is None:
+            tr.set(ref_key, str(thread_id).encode())
+    chunks = [structure[i : i + MAX_VALUE_SIZE] for i in range(0, len(structure), MAX_VALUE_SIZE)] or [b""]
+    tr.set(keys.email(acct, email_id), keys.pack((digest, size, received, thread_id, len(chunks))))
+    for index, chunk in enumerate(chunks):
+        tr.set(keys.email_struct(acct, email_id, index), chunk)
+    blobs.link(tr, digest, acct, email_id)
+    tr.add(keys.quota_used(acct), size)
+    tr.add(keys.message_count(acct), 1)
+    return email_id
+
+
+def get_email(tr: ReadTransaction, acct: int, email_id: int, with_structure: bool = True) -> Email | None:
+    raw = tr.get(keys.email(acct, email_id))
+    if raw is None:
+        return None
+    digest, size, received, thread_id, _ = keys.unpack(raw)
+    email = Email(email_id, digest, size, received, thread_id)
+    if with_structure:
+        rows = tr.get_range(*keys.email_structs(acct, email_id))
+        email.structure = mime.decode(b"".join(v for _, v in rows))
+    return email
+
+
+def _check_quota(tr: ReadTransaction, acct: int, size: int, temporary: bool) -> None:
+    account = get_account(tr, acct)
+    if account is None:
+        raise UnknownUser("account no longer exists")
+    if account.quota and _counter(tr, keys.quota_used(acct)) + size > account.quota:
+        raise (TemporaryQuotaExceeded if temporary else QuotaExceeded)(f"{account.email} is over quota")
+
+
+def quota_usage(tr: ReadTransaction, acct: int) -> tuple[int, int]:
+    """(bytes used, message count)."""
+    return _counter(tr, keys.quota_used(acct)), _counter(tr, keys.message_count(acct))
+
+
+@dataclass(slots=True)
+class _Prepared:
+    raw: bytes
+    digest: bytes
+    parsed: mime.Message
+    structure: bytes
+    inline: bool
+
+
+class MailStore:
+    """Mail operations over a store, with after-commit change hooks."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._hooks: list[ChangeHook] = []
+        self._structures: OrderedDict[tuple[int, int], mime.Message] = OrderedDict()
+
+    def on_change(self, hook: ChangeHook) -> None:
+        """Call ``hook(account, change_id, kinds)`` after every committed change."""
+        self._hooks.append(hook)
+
+    def changed(self, acct: int, change_id: int, kinds: Iterable[str] = ("Email",)) -> None:
+        if not change_id:
+            return
+        frozen = frozenset(kinds)
+        for hook in self._hooks:
+            hook(acct, change_id, frozen)
+
+    async def _prepare(self, raw: bytes) -> _Prepared:
+        if len(raw) > PARSE_INLINE_MAX:
+            loop = asyncio.get_running_loop()
+            parsed = await loop.run_in_executor(None, mime.parse, raw)
+            digest = await loop.run_in_executor(None, blobs.digest_of, raw)
+        else:
+            parsed = mime.parse(raw)
+            digest = blobs.digest_of(raw)
+        inline = len(raw) <= blobs.INLINE_MAX
+        if not inline:
+            await blobs.put_large(self.db, digest, raw)
+        return _Prepared(raw, digest, parsed, mime.encode(parsed), inline)
+
+    def _put_blob(self, tr: Transaction, prep: _Prepared) -> None:
+        if prep.inline:
+            blobs.put_inline(tr, prep.digest, prep.raw)
+        elif not blobs.exists(tr, prep.digest):
+            raise BlobMissing("blob purged before it was linked")
+
+    async def _transact_with_blob(self, prep: _Prepared, fn: Callable[[Transaction], object]) -> object:
+        for _ in range(3):
+            try:
+                return await self.db.transact(fn)
+            except BlobMissing:
+                await blobs.put_large(self.db, prep.digest, prep.raw)
+        return await self.db.transact(fn)
+
+    async def deliver(self, accounts: Sequence[int], raw: bytes, internal_date: int | None = None) -> list[Delivery]:
+        """Store ``raw`` in the INBOX of every account, all or none, once.
+
+        The bytes are stored exactly as given. Raises :class:`QuotaExceeded`
+        (temporary form) if any account is over quota.
+        """
+        prep = await self._prepare(raw)
+        when = int(time.time()) if internal_date is None else internal_date
+        unique = list(dict.fromkeys(accounts))
+
+        def fn(tr: Transaction) -> list[Delivery]:
+            self._put_blob(tr, prep)
+            out = []
+            for acct in unique:
+                _check_quota(tr, acct, len(raw), temporary=True)
+                box = find_mailbox(tr, acct, "INBOX")
+                email_id = _store_email(tr, acct, prep.digest, len(raw), when, prep.parsed, prep.structure)
+                change_id = record_change(tr, acct, ["Email", "Thread", "Mailbox"], [box.id])
+                msg = _insert(tr, acct, box, email_id, (), when, len(raw), change_id)
+                out.append(Delivery(acct, box.id, msg.uid, email_id, change_id))
+            return out
+
+        deliveries: list[Delivery] = await self._transact_with_blob(prep, fn)  # type: ignore[assignment]
+        for d in deliveries:
+            self.changed(d.account, d.change_id, ("Email", "Thread", "Mailbox"))
+        return deliveries
+
+    async def append(
+        self,
+        acct: int,
+        mailbox: str | int,
+        raw: bytes,
+        flags: Iterable[str] = (),
+        internal_date: int | None = None,
+    ) -> tuple[int, int]:
+        """APPEND one message; returns (UIDVALIDITY, UID) for APPENDUID."""
+        uidvalidity, uids = await self.append_many(acct, mailbox, [(raw, tuple(flags), internal_date)])
+        return uidvalidity, uids[0]
+
+    async def append_many(
+        self,
+        acct: int,
+        mailbox: str | int,
+        items: Sequence[tuple[bytes, Iterable[str], int | None]],
+    ) -> tuple[int, list[int]]:
+        """MULTIAPPEND (RFC 3502): all messages or none, UIDs in order."""
+        preps = [await self._prepare(raw) for raw, _, _ in items]
+        checked = [validate_flags(f) for _, f, _ in items]
+        now = int(time.time())
+
+        def fn(tr: Transaction) -> tuple[int, int, list[int]]:
+            box = get_mailbox(tr, acct, mailbox) if isinstance(mailbox, int) else find_mailbox(tr, acct, mailbox)
+            if box is None:
+                raise MailboxNotFound("mailbox does not exist")
+            _check_quota(tr, acct, sum(len(p.raw) for p in preps), temporary=False)
+            change_id = record_change(tr, acct, ["Email", "Thread", "Mailbox"], [box.id])
+            uids = []
+            for prep, flags, (_, _, date) in zip(preps, checked, items):
+                self._put_blob(tr, prep)
+                when = now if date is None else date
+                email_id = _store_email(tr, acct, prep.digest, len(prep.raw), when, prep.parsed, prep.structure)
+                uids.append(_insert(tr, acct, box, email_id, flags, when, len(prep.raw), change_id).uid)
+            return box.uidvalidity, change_id, uids
+
+        result = None
+        for _ in range(3):
+            try:
+                result = await self.db.transact(fn)
+                break
+            except BlobMissing:
+                for prep in preps:
+                    if not prep.inline:
+                        await blobs.put_large(self.db, prep.digest, prep.raw)
+        if result is None:
+            result = await self.db.transact(fn)
+        uidvalidity, change_id, uids = result
+        self.changed(acct, change_id, ("Email", "Thread", "Mailbox"))
+        return uidvalidity, uids
+
+    async def write(self, acct: int, fn: Callable[[Transaction], object], kinds: Iterable[str] = ("Email",)) -> object:
+        """Run a mail transaction body for ``acct`` and announce its change."""
+
+        def body(tr: Transaction) -> tuple[object, int, int]:
+            before = last_change(tr, acct)
+            result = fn(tr)
+            return result, before, last_change(tr, acct)
+
+        result, before, after = await self.db.transact(body)
+        if after != before:
+            self.changed(acct, after, kinds)
+        return result
+
+    async def email(self, acct: int, email_id: int) -> Email | None:
+        """An email with its parsed structure (cached: emails never change)."""
+        cached = self._structures.get((acct, email_id))
+        if cached is not None:
+            email = await self.db.read(lambda tr: get_email(tr, acct, email_id, with_structure=False))
+            if email is not None:
+                self._structures.move_to_end((acct, email_id))
+                email.structure = cached
+            return email
+        email = await self.db.read(lambda tr: get_email(tr, acct, email_id))
+        if email is not None and email.structure is not None:
+            self._structures[(acct, email_id)] = email.structure
+            if len(self._structures) > STRUCTURE_CACHE:
+                self._structures.popitem(last=False)
+        return email
+
+    async def check_quota(self, acct: int, size: int) -> None:
+        """Raise the temporary over-quota error if ``size`` more bytes do not fit
+        (SMTP RCPT answers 452 early; DATA checks again in its transaction)."""
+        await self.db.read(lambda tr: _check_quota(tr, acct, size, temporary=True))
+
+    async def read_blob(self, digest: bytes, start: int = 0, length: int | None = None) -> bytes:
+        return await blobs.read(self.db, digest, start, length)
+
+    async def list_messages(self, acct: int, mailbox: str) -> list[tuple[Message, Email | None]]:
+        def fn(tr: ReadTransaction) -> list[tuple[Message, Email | None]]:
+            box = find_mailbox(tr, acct, mailbox)
+            return [(m, get_email(tr, acct, m.email_id)) for m in get_messages(tr, acct, box.id)]
+
+        return await self.db.read(fn)
+
+    async def purge(self, now: float | None = None) -> int:
+        """Delete unreferenced blobs past the grace period; returns markers handled."""
+        moment = time.time() if now is None else now
+        total = 0
+        while True:
+            n = await self.db.transact(lambda tr: blobs.purge_orphans(tr, moment))
+            total += n
+            if n == 0:
+                return total
+
+
+def remove_account_data(tr: Transaction, acct: int) -> None:
+    """Drop every mailbox, message and email of an account (account removal).
+
+    Blob references go too, and orphaned blobs are marked for the purger. A
+    very large account is removed in one transaction here; see the note in
+    the foundation issue about batching this.
+    """
+    for key, raw in tr.get_range(*keys.prefix_range(("m", acct, "email"))):
+        k = keys.unpack(key)
+        if len(k) == 4:
+            blobs.unlink(tr, keys.unpack(raw)[0], acct, k[3])
+    tr.clear_range(*keys.account_data(acct))
+    tr.clear_range(*keys.change_log(acct))
+    tr.clear(keys.change_counter(acct))
+

@@ -1,0 +1,100 @@
+"""Inbound SMTP benchmark: messages/s accepted and durable before ``250``.
+
+Starts one ``rookery serve`` on the embedded store in a temporary directory,
+then drives it with the anchors' load generator
+(``../shared/anchors/smtp_inbound_load.py``, aiosmtplib, 10 kB messages,
+connections reused) at 1, 8 and 32 concurrent clients. With ``--anchor`` it
+also sets up Debian's Postfix through ``postfix_inbound.sh`` and measures it
+with the same generator and load in the same run, and prints the ratios.
+
+    .venv/bin/python tests/bench/smtp_inbound.py [--messages N] [--anchor]
+
+Prints one summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ANCHORS = ROOT.parent / "shared" / "anchors"
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from helpers import NodeProcess, rookery  # noqa: E402
+
+POSTFIX_PORT = 2526
+
+
+def load(target: str, concurrency: int, messages: int, rcpt: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, str(ANCHORS / "smtp_inbound_load.py"), target, "-c", str(concurrency), "-m", str(messages),
+         "-l", "10240", "-t", rcpt, "--client", "aiosmtplib"],
+        capture_output=True, text=True, timeout=900,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"load generator failed: {out.stderr or out.stdout}")
+    result: dict[str, object] = json.loads(lines[-1])
+    return result
+
+
+def bench_rookery(concs: list[int], messages: int) -> dict[int, dict[str, object]]:
+    with tempfile.TemporaryDirectory(prefix="rookery-bench-") as tmp:
+        data = Path(tmp) / "data"
+        rookery("domain", "add", "example.com", data=data)
+        rookery("account", "add", "alice@example.com", "--password", "bench", data=data)
+        node = NodeProcess(data, ("smtp",), "--set", "log.level=warning")
+        try:
+            results = {}
+            for c in concs:
+                results[c] = load(f"127.0.0.1:{node.ports['smtp']}", c, messages, "alice@example.com")
+            return results
+        finally:
+            node.close()
+
+
+def bench_postfix(concs: list[int], messages: int) -> dict[int, dict[str, object]]:
+    script = ANCHORS / "postfix_inbound.sh"
+    subprocess.run(["bash", str(script), "setup", str(POSTFIX_PORT)], check=True, capture_output=True, timeout=900)
+    try:
+        return {c: load(f"127.0.0.1:{POSTFIX_PORT}", c, messages, "alice@example.com") for c in concs}
+    finally:
+        subprocess.run(["bash", str(script), "stop"], capture_output=True, timeout=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=3000, help="messages per concurrency level (default 3000)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
+    p.add_argument("--anchor", action="store_true", help="also measure Postfix (needs root; installs it)")
+    a = p.parse_args()
+    if not (ANCHORS / "smtp_inbound_load.py").exists():
+        print(f"smtp_inbound: anchors not found at {ANCHORS}", file=sys.stderr)
+        return 2
+    concs = [int(c) for c in a.concurrency.split(",")]
+    ours = bench_rookery(concs, a.messages)
+    parts = [f"rookery c{c}={ours[c]['msgs_per_s']}" for c in concs]
+    failed = sum(int(str(r["failed"])) for r in ours.values())
+    if a.anchor:
+        if os.geteuid() != 0:
+            print("smtp_inbound: --anchor needs root to install and run Postfix", file=sys.stderr)
+            return 2
+        theirs = bench_postfix(concs, a.messages)
+        parts += [f"postfix c{c}={theirs[c]['msgs_per_s']}" for c in concs]
+        parts += [
+            f"ratio c{c}={float(str(ours[c]['msgs_per_s'])) / float(str(theirs[c]['msgs_per_s'])):.2f}"
+            for c in concs
+            if theirs[c]["msgs_per_s"]
+        ]
+    print(f"smtp_inbound msgs/s (10 kB, durable before 250): {' '.join(parts)} failed={failed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

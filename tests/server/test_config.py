@@ -1,0 +1,64 @@
+"""The config schema: file, environment and overrides, in that order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server import config as configmod
+
+
+def test_defaults() -> None:
+    cfg = configmod.load(None, environ={})
+    assert cfg.store.backend == "embedded"
+    assert cfg.listen.smtp == ""
+    assert cfg.smtp.max_message_size == 50 * 1024 * 1024
+    assert cfg.security.allow_plaintext_auth is False
+
+
+def test_file_env_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "rookery.toml"
+    path.write_text('[listen]\nsmtp = "127.0.0.1:25"\nimap = "127.0.0.1:143"\n[smtp]\nmax_message_size = "10M"\n[routes]\n"example.net" = "127.0.0.1:2526"\n')
+    env = {"ROOKERY_LISTEN_IMAP": "127.0.0.1:1143", "ROOKERY_SECURITY_ALLOW_PLAINTEXT_AUTH": "true"}
+    cfg = configmod.load(path, environ=env, overrides={"listen.smtp": "127.0.0.1:2525"})
+    assert cfg.listen.smtp == "127.0.0.1:2525"
+    assert cfg.listen.imap == "127.0.0.1:1143"
+    assert cfg.smtp.max_message_size == 10 * 1024 * 1024
+    assert cfg.security.allow_plaintext_auth is True
+    assert cfg.extra["routes"]["example.net"] == "127.0.0.1:2526"
+
+
+def test_config_is_immutable() -> None:
+    cfg = configmod.load(None, environ={})
+    with pytest.raises(AttributeError):
+        cfg.listen.smtp = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[listen]\nbogus = 1\n", "unknown option"),
+        ("[smtp]\nmax_recipients = \"many\"\n", "bad value"),
+        ("not toml at all [", "cannot read config"),
+    ],
+)
+def test_bad_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(configmod.ConfigError, match=message):
+        configmod.load(path, environ={})
+
+
+def test_bad_environment_is_refused() -> None:
+    with pytest.raises(configmod.ConfigError, match="ROOKERY_SECURITY_ALLOW_PLAINTEXT_AUTH"):
+        configmod.load(None, environ={"ROOKERY_SECURITY_ALLOW_PLAINTEXT_AUTH": "perhaps"})
+
+
+def test_describe_lists_every_option_and_parses_back(tmp_path: Path) -> None:
+    text = configmod.describe()
+    for opt in configmod.SCHEMA:
+        assert opt.env in text
+    path = tmp_path / "all.toml"
+    path.write_text(text)
+    assert configmod.load(path, environ={}).as_dict() == configmod.load(None, environ={}).as_dict()

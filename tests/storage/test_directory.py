@@ -1,0 +1,81 @@
+"""Directory: domains, accounts, aliases and the login policy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from helpers import make_account
+
+from storage import Storage, keys
+from storage.errors import AlreadyExists, AuthenticationFailed, InvalidInput, UnknownDomain, UnknownUser
+
+
+async def test_passwords_are_stored_only_as_argon2_hashes(storage: Storage) -> None:
+    acct = await make_account(storage, "alice@example.org", "correct horse")
+    raw = await storage.db.read(lambda tr: tr.get(keys.account(acct)))
+    assert raw is not None and b"correct horse" not in raw and b"$argon2id$" in raw
+
+
+async def test_login_checks_password_and_follows_changes(storage: Storage) -> None:
+    await make_account(storage, "alice@example.org", "one")
+    assert (await storage.directory.login("Alice@Example.org", "one", "1.2.3.4")).email == "alice@example.org"
+    await storage.directory.set_password("alice@example.org", "two")
+    with pytest.raises(AuthenticationFailed):
+        await storage.directory.login("alice@example.org", "one", "1.2.3.4")
+    assert (await storage.directory.login("alice@example.org", "two", "1.2.3.4")).email == "alice@example.org"
+    with pytest.raises(AuthenticationFailed):
+        await storage.directory.login("nobody@example.org", "two", "1.2.3.4")
+
+
+async def test_failed_logins_are_limited_per_ip(storage: Storage) -> None:
+    storage.directory.max_failed_logins = 3
+    await make_account(storage, "alice@example.org", "pw")
+    for _ in range(3):
+        with pytest.raises(AuthenticationFailed):
+            await storage.directory.login("alice@example.org", "wrong", "10.0.0.9")
+    with pytest.raises(AuthenticationFailed, match="too many"):
+        await storage.directory.login("alice@example.org", "pw", "10.0.0.9")
+    # Another address is not punished for it.
+    await storage.directory.login("alice@example.org", "pw", "10.0.0.10")
+
+
+async def test_resolution_of_aliases_catchall_and_subaddress(storage: Storage) -> None:
+    alice = await make_account(storage, "alice@example.org")
+    bob = await make_account(storage, "bob@example.org")
+    await storage.directory.add_alias("postmaster@example.org", "alice@example.org")
+    assert await storage.directory.resolve("postmaster@example.org") == alice
+    assert await storage.directory.resolve("bob+news@example.org") == bob
+    with pytest.raises(UnknownUser):
+        await storage.directory.resolve("carol@example.org")
+    with pytest.raises(UnknownDomain):
+        await storage.directory.resolve("carol@elsewhere.test")
+    await storage.directory.set_catchall("example.org", "bob@example.org")
+    assert await storage.directory.resolve("carol@example.org") == bob
+    with pytest.raises(AlreadyExists):
+        await storage.directory.add_alias("bob@example.org", "alice@example.org")
+    with pytest.raises(InvalidInput):
+        await storage.directory.remove_alias("bob@example.org")
+
+
+async def test_new_accounts_get_special_use_mailboxes(storage: Storage) -> None:
+    from storage import mail
+
+    acct = await make_account(storage)
+    boxes = await storage.db.read(lambda tr: mail.list_mailboxes(tr, acct))
+    assert [(b.name, b.special_use) for b in boxes] == [
+        ("INBOX", None), ("Archive", "\\Archive"), ("Drafts", "\\Drafts"), ("Junk", "\\Junk"), ("Sent", "\\Sent"), ("Trash", "\\Trash"),
+    ]
+
+
+async def test_concurrent_account_creation_gives_distinct_ids(storage: Storage) -> None:
+    await storage.directory.add_domain("example.org")
+    accounts = await asyncio.gather(*(storage.directory.add_account(f"u{i}@example.org", "pw") for i in range(10)))
+    assert len({a.id for a in accounts}) == 10
+
+
+@pytest.mark.parametrize("bad", ["", "plain", "a@", "@b.org", "a b@c.org", "a..b@c.org", "x@-bad-.org", "x" * 65 + "@c.org"])
+async def test_invalid_addresses_are_refused(storage: Storage, bad: str) -> None:
+    await storage.directory.add_domain("c.org")
+    with pytest.raises(InvalidInput):
+        await storage.directory.add_account(bad, "pw")

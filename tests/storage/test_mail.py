@@ -1,0 +1,170 @@
+"""Mail data layer: UIDs, flags, MODSEQ, expunge, copy/move, mailboxes, blobs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from helpers import make_account
+
+from storage import Storage, blobs, keys, mail
+from storage.errors import AlreadyExists, Forbidden, InvalidInput, MailboxNotFound, QuotaExceeded
+
+RAW = b"From: a@b.test\r\nSubject: hi\r\nMessage-ID: <root@b.test>\r\n\r\nhello\r\n"
+REPLY = b"From: c@b.test\r\nSubject: Re: hi\r\nIn-Reply-To: <root@b.test>\r\n\r\nyes\r\n"
+
+
+@pytest.fixture(params=["plain", "conflicts"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path):
+    # Every test runs twice: once with injected retryable conflicts, so each
+    # transaction body is proven idempotent under retries.
+    s = Storage.open("embedded", data_dir=tmp_path / "s", inject_conflicts=0.3 if request.param == "conflicts" else 0.0)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_append_allocates_increasing_uids_and_modseqs(store: Storage) -> None:
+    acct = await make_account(store)
+    results = await asyncio.gather(*(store.mail.append(acct, "INBOX", RAW + str(i).encode()) for i in range(20)))
+    uids = sorted(uid for _, uid in results)
+    assert uids == list(range(1, 21))
+    snap = await store.db.read(lambda tr: mail.snapshot(tr, acct, mail.find_mailbox(tr, acct, "INBOX").id))
+    assert [m.uid for m in snap.messages] == uids
+    # UID order is commit order: MODSEQs rise with UIDs.
+    assert [m.modseq for m in snap.messages] == sorted(m.modseq for m in snap.messages)
+    assert snap.mailbox.uidnext == 21 and snap.highestmodseq == snap.messages[-1].modseq
+
+
+async def test_flags_unchangedsince_and_changes(store: Storage) -> None:
+    acct = await make_account(store)
+    box = await store.db.read(lambda tr: mail.find_mailbox(tr, acct, "INBOX"))
+    for _ in range(3):
+        await store.mail.append(acct, box.id, RAW)
+    before = await store.db.read(lambda tr: mail.highest_modseq(tr, acct, box.id))
+    changed, failed = await store.mail.write(acct, lambda tr: mail.store_flags(tr, acct, box.id, [1, 2], "add", ["\\Seen", "$Important"]))
+    assert [m.uid for m in changed] == [1, 2] and failed == []
+    assert changed[0].flags == ("$Important", "\\Seen")
+    _, failed = await store.mail.write(acct, lambda tr: mail.store_flags(tr, acct, box.id, [1, 3], "remove", ["\\Seen"], unchangedsince=before))
+    assert failed == [1]
+    delta = await store.db.read(lambda tr: mail.mailbox_changes(tr, acct, box.id, before))
+    assert [m.uid for m in delta.changed] == [1, 2] and delta.expunged == []
+    status = await store.db.read(lambda tr: mail.mailbox_status(tr, acct, box))
+    assert (status.messages, status.unseen) == (3, 1)
+    with pytest.raises(InvalidInput):
+        await store.mail.write(acct, lambda tr: mail.store_flags(tr, acct, box.id, [1], "add", ["\\Bogus"]))
+
+
+async def test_expunge_copy_move_and_vanished(store: Storage) -> None:
+    acct = await make_account(store)
+    inbox = await store.db.read(lambda tr: mail.find_mailbox(tr, acct, "INBOX"))
+    archive = await store.db.read(lambda tr: mail.find_mailbox(tr, acct, "Archive"))
+    for i in range(4):
+        await store.mail.append(acct, "INBOX", RAW + bytes([65 + i]))
+    uv, pairs = await store.mail.write(acct, lambda tr: mail.copy_messages(tr, acct, inbox.id, [1, 2], archive.id))
+    assert uv == archive.uidvalidity and pairs == [(1, 1), (2, 2)]
+    mark = await store.db.read(lambda tr: mail.highest_modseq(tr, acct, inbox.id))
+    await store.mail.write(acct, lambda tr: mail.store_flags(tr, acct, inbox.id, [1, 3], "add", ["\\Deleted"]))
+    assert await store.mail.write(acct, lambda tr: mail.expunge(tr, acct, inbox.id, [3])) == [3]
+    assert await store.mail.write(acct, lambda tr: mail.expunge(tr, acct, inbox.id)) == [1]
+    _, moved = await store.mail.write(acct, lambda tr: mail.move_messages(tr, acct, inbox.id, [4], archive.id))
+    assert moved == [(4, 3)]
+    delta = await store.db.read(lambda tr: mail.mailbox_changes(tr, acct, inbox.id, mark))
+    assert delta.expunged == [1, 3, 4]
+    left = await store.db.read(lambda tr: mail.get_messages(tr, acct, inbox.id))
+    assert [m.uid for m in left] == [2]
+    # Copies share the email; the content survives expunge of one copy.
+    in_archive = await store.db.read(lambda tr: mail.get_messages(tr, acct, archive.id))
+    assert [m.uid for m in in_archive] == [1, 2, 3]
+    email = await store.mail.email(acct, in_archive[0].email_id)
+    assert email is not None and (await store.mail.read_blob(email.digest)).endswith(b"A")
+
+
+async def test_mailbox_create_rename_delete(store: Storage) -> None:
+    acct = await make_account(store)
+    await store.mail.write(acct, lambda tr: mail.create_mailbox(tr, acct, "Projects/2026/Q1"))
+    names = [b.name for b in await store.db.read(lambda tr: mail.list_mailboxes(tr, acct))]
+    assert {"Projects", "Projects/2026", "Projects/2026/Q1"} <= set(names)
+    with pytest.raises(AlreadyExists):
+        await store.mail.write(acct, lambda tr: mail.create_mailbox(tr, acct, "Projects"))
+    await store.mail.write(acct, lambda tr: mail.rename_mailbox(tr, acct, "Projects", "Work"))
+    names = [b.name for b in await store.db.read(lambda tr: mail.list_mailboxes(tr, acct))]
+    assert "Work/2026/Q1" in names and not any(n.startswith("Projects") for n in names)
+    with pytest.raises(InvalidInput):
+        await store.mail.write(acct, lambda tr: mail.delete_mailbox(tr, acct, "Work"))
+    with pytest.raises(Forbidden):
+        await store.mail.write(acct, lambda tr: mail.delete_mailbox(tr, acct, "inbox"))
+    await store.mail.append(acct, "INBOX", RAW)
+    await store.mail.write(acct, lambda tr: mail.rename_mailbox(tr, acct, "INBOX", "Old"))
+    old = await store.mail.list_messages(acct, "Old")
+    assert len(old) == 1 and await store.mail.list_messages(acct, "INBOX") == []
+    await store.mail.write(acct, lambda tr: mail.delete_mailbox(tr, acct, "Old"))
+    with pytest.raises(MailboxNotFound):
+        await store.mail.list_messages(acct, "Old")
+
+
+async def test_threads_join_on_references(store: Storage) -> None:
+    acct = await make_account(store)
+    await store.mail.append(acct, "INBOX", RAW)
+    await store.mail.append(acct, "INBOX", REPLY)
+    await store.mail.append(acct, "INBOX", b"Subject: other\r\n\r\nx\r\n")
+    msgs = await store.mail.list_messages(acct, "INBOX")
+    threads = [e.thread_id for _, e in msgs if e is not None]
+    assert threads[0] == threads[1] != threads[2]
+
+
+async def test_quota_and_usage(store: Storage) -> None:
+    acct = await make_account(store, quota=300)
+    await store.mail.append(acct, "INBOX", RAW)
+    with pytest.raises(QuotaExceeded):
+        await store.mail.append(acct, "INBOX", RAW * 5)
+    used, count = await store.db.read(lambda tr: mail.quota_usage(tr, acct))
+    assert (used, count) == (len(RAW), 1)
+
+
+async def test_large_blob_is_chunked_and_purged_only_when_unreferenced(store: Storage) -> None:
+    acct = await make_account(store)
+    big = RAW + b"x" * (blobs.INLINE_MAX + 3 * blobs.CHUNK_SIZE + 17)
+    _, uid = await store.mail.append(acct, "INBOX", big)
+    [(msg, email)] = await store.mail.list_messages(acct, "INBOX")
+    assert email is not None
+    assert await store.mail.read_blob(email.digest) == big
+    assert await store.mail.read_blob(email.digest, 5, 10) == big[5:15]
+    chunks = await store.db.read(lambda tr: tr.get_range(*keys.blob_chunks(email.digest)))
+    assert len(chunks) == blobs.chunk_count(len(big)) and all(len(v) <= 100_000 for _, v in chunks)
+    # Referenced: the purger leaves it alone even long after.
+    await store.mail.purge(now=time.time() + 10 * blobs.GRACE_SECONDS)
+    assert await store.mail.read_blob(email.digest) == big
+    inbox = await store.db.read(lambda tr: mail.find_mailbox(tr, acct, "INBOX"))
+    await store.mail.write(acct, lambda tr: mail.store_flags(tr, acct, inbox.id, [uid], "add", ["\\Deleted"]))
+    await store.mail.write(acct, lambda tr: mail.expunge(tr, acct, inbox.id))
+    # Within the grace period nothing goes; after it the blob does.
+    await store.mail.purge()
+    assert await store.db.read(lambda tr: blobs.exists(tr, email.digest))
+    await store.mail.purge(now=time.time() + 2 * blobs.GRACE_SECONDS)
+    assert not await store.db.read(lambda tr: blobs.exists(tr, email.digest))
+    assert await store.db.read(lambda tr: tr.get_range(*keys.blob_chunks(email.digest))) == []
+
+
+async def test_change_log_and_hooks(store: Storage) -> None:
+    acct = await make_account(store)
+    seen: list[tuple[int, int]] = []
+    store.mail.on_change(lambda a, c, kinds: seen.append((a, c)))
+    start = await store.db.read(lambda tr: mail.last_change(tr, acct))
+    await store.mail.deliver([acct], RAW)
+    await store.mail.append(acct, "Drafts", RAW)
+    log = await store.db.read(lambda tr: mail.changes_since(tr, acct, start))
+    assert [c for c, _, _ in log] == [start + 1, start + 2]
+    assert seen == [(acct, start + 1), (acct, start + 2)]
+    assert "Email" in log[0][1]
+
+
+async def test_remove_account_drops_its_data(store: Storage) -> None:
+    acct = await make_account(store)
+    await store.mail.append(acct, "INBOX", RAW)
+    await store.remove_account("alice@example.org")
+    left = await store.db.read(lambda tr: tr.get_range(*keys.account_data(acct)))
+    assert left == []
