@@ -752,6 +752,59 @@ class MailStore:
             self.changed(acct, after, kinds)
         return result
 
+    # -- the domain API protocols call (no transaction crosses into them) --
+
+    async def mailboxes(self, acct: int) -> list[Mailbox]:
+        return await self.db.read(lambda tr: list_mailboxes(tr, acct))
+
+    async def mailbox(self, acct: int, name: str) -> Mailbox:
+        """Raises :class:`MailboxNotFound`."""
+        return await self.db.read(lambda tr: find_mailbox(tr, acct, name))
+
+    async def status(self, acct: int, name: str) -> MailboxStatus:
+        return await self.db.read(lambda tr: mailbox_status(tr, acct, find_mailbox(tr, acct, name)))
+
+    async def statuses(self, acct: int, boxes: Sequence[Mailbox]) -> list[MailboxStatus]:
+        return await self.db.read(lambda tr: [mailbox_status(tr, acct, b) for b in boxes])
+
+    async def snapshot(self, acct: int, name: str) -> Snapshot:
+        return await self.db.read(lambda tr: snapshot(tr, acct, find_mailbox(tr, acct, name).id))
+
+    async def changes(self, acct: int, mbox: int, since: int) -> MailboxChanges:
+        return await self.db.read(lambda tr: mailbox_changes(tr, acct, mbox, since))
+
+    async def create_mailbox(self, acct: int, name: str, special_use: str | None = None) -> Mailbox:
+        return await self.write(acct, lambda tr: create_mailbox(tr, acct, name, special_use), ("Mailbox",))  # type: ignore[return-value]
+
+    async def delete_mailbox(self, acct: int, name: str) -> None:
+        await self.write(acct, lambda tr: delete_mailbox(tr, acct, name), ("Mailbox", "Email"))
+
+    async def rename_mailbox(self, acct: int, old: str, new: str) -> None:
+        await self.write(acct, lambda tr: rename_mailbox(tr, acct, old, new), ("Mailbox", "Email"))
+
+    async def subscribe(self, acct: int, name: str, subscribed: bool) -> None:
+        await self.write(acct, lambda tr: set_subscribed(tr, acct, name, subscribed), ("Mailbox",))
+
+    async def store_flags(
+        self, acct: int, mbox: int, uids: Sequence[int], mode: str, flags: Iterable[str], unchangedsince: int | None = None
+    ) -> tuple[list[Message], list[int]]:
+        return await self.write(acct, lambda tr: store_flags(tr, acct, mbox, uids, mode, flags, unchangedsince))  # type: ignore[return-value]
+
+    async def expunge(self, acct: int, mbox: int, uids: Sequence[int] | None = None) -> list[int]:
+        return await self.write(acct, lambda tr: expunge(tr, acct, mbox, uids))  # type: ignore[return-value]
+
+    async def copy(self, acct: int, src: int, uids: Sequence[int], dst: str) -> tuple[int, list[tuple[int, int]]]:
+        def fn(tr: Transaction) -> tuple[int, list[tuple[int, int]]]:
+            return copy_messages(tr, acct, src, uids, find_mailbox(tr, acct, dst).id)
+
+        return await self.write(acct, fn)  # type: ignore[return-value]
+
+    async def move(self, acct: int, src: int, uids: Sequence[int], dst: str) -> tuple[int, list[tuple[int, int]]]:
+        def fn(tr: Transaction) -> tuple[int, list[tuple[int, int]]]:
+            return move_messages(tr, acct, src, uids, find_mailbox(tr, acct, dst).id)
+
+        return await self.write(acct, fn)  # type: ignore[return-value]
+
     async def email(self, acct: int, email_id: int) -> Email | None:
         """An email with its parsed structure (cached: emails never change)."""
         cached = self._structures.get((acct, email_id))
@@ -767,6 +820,29 @@ class MailStore:
             if len(self._structures) > STRUCTURE_CACHE:
                 self._structures.popitem(last=False)
         return email
+
+    async def emails(self, acct: int, email_ids: Iterable[int]) -> dict[int, Email]:
+        """Several emails with structures, in one read for those not cached."""
+        wanted = list(dict.fromkeys(email_ids))
+        cached = {i: self._structures[(acct, i)] for i in wanted if (acct, i) in self._structures}
+
+        def fn(tr: ReadTransaction) -> dict[int, Email]:
+            out = {}
+            for i in wanted:
+                email = get_email(tr, acct, i, with_structure=i not in cached)
+                if email is not None:
+                    out[i] = email
+            return out
+
+        found = await self.db.read(fn)
+        for i, email in found.items():
+            if email.structure is None:
+                email.structure = cached[i]
+            self._structures[(acct, i)] = email.structure
+            self._structures.move_to_end((acct, i))
+        while len(self._structures) > STRUCTURE_CACHE:
+            self._structures.popitem(last=False)
+        return found
 
     async def check_quota(self, acct: int, size: int) -> None:
         """Raise the temporary over-quota error if ``size`` more bytes do not fit

@@ -1,0 +1,77 @@
+"""In-process change notification: wakes push sessions (IMAP IDLE, later JMAP
+and DAV) of an account when something changed.
+
+It is only a hint (DESIGN.md principle 1): sessions re-read the store when
+woken, and also poll it every ``poll_interval`` seconds, so a change made by
+another process is seen within that bound even when no notification comes.
+The node publishes here after each local commit; the peer channel publishes
+here what other nodes announce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+
+class Subscription:
+    """One session's interest in one account."""
+
+    __slots__ = ("account", "version", "_event", "_hub")
+
+    def __init__(self, hub: PushHub, account: int) -> None:
+        self._hub = hub
+        self.account = account
+        #: Bumped at every notification; sessions compare it to what they saw.
+        self.version = 0
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self.version += 1
+        self._event.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for a notification; False on timeout."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self._event.clear()
+        return True
+
+    def close(self) -> None:
+        self._hub._remove(self)
+
+
+class PushHub:
+    """Account -> subscriptions; publish wakes them all."""
+
+    def __init__(self, poll_interval: float = 2.0) -> None:
+        self.poll_interval = poll_interval
+        self._subs: dict[int, set[Subscription]] = {}
+        #: Latest change id seen per account (from local commits or peers).
+        self.latest: dict[int, int] = {}
+
+    def subscribe(self, account: int) -> Subscription:
+        sub = Subscription(self, account)
+        self._subs.setdefault(account, set()).add(sub)
+        return sub
+
+    def _remove(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.account)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.account]
+
+    def publish(self, account: int, change_id: int = 0, kinds: Iterable[str] = ()) -> None:
+        if change_id:
+            self.latest[account] = max(change_id, self.latest.get(account, 0))
+        for sub in list(self._subs.get(account, ())):
+            sub.notify()
+
+    def sessions(self, account: int | None = None) -> int:
+        if account is None:
+            return sum(len(s) for s in self._subs.values())
+        return len(self._subs.get(account, ()))
