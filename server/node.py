@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from protocols.push import PushHub
 from storage import Storage
 
 from .config import Config
@@ -61,6 +62,7 @@ class ServerState:
     phase: str = "starting"  # starting, ready, draining, stopped
     #: Actual ports after binding (port 0 in config picks a free one).
     ports: dict[str, int] = field(default_factory=dict)
+    hub: PushHub = field(default_factory=PushHub)
 
     @property
     def ready(self) -> bool:
@@ -102,6 +104,38 @@ class SmtpService:
         self.state = state
         self.address = split_hostport(address, "smtp")
         self.listener = SmtpListener(InboundHandler(state.storage, state.hostname, limits), state.hostname, limits, state.tls)
+
+    async def start(self) -> None:
+        self.state.ports[self.name] = await self.listener.start(*self.address)
+
+    def stop_accepting(self) -> None:
+        self.listener.stop_accepting()
+
+    async def drain(self, deadline: float) -> None:
+        await self.listener.drain(deadline)
+
+
+class ImapService:
+    def __init__(self, state: ServerState, address: str, name: str) -> None:
+        from protocols.imap.server import ImapListener
+        from protocols.imap.session import ImapSettings
+
+        cfg = state.config
+        settings = ImapSettings(
+            hostname=state.hostname,
+            allow_plaintext_auth=cfg.security.allow_plaintext_auth,
+            max_append=cfg.smtp.max_message_size,
+            max_literal=cfg.imap.max_literal,
+            max_bad_commands=cfg.imap.max_bad_commands,
+            autologout=cfg.imap.autologout,
+        )
+        self.name = name
+        self.state = state
+        self.address = split_hostport(address, name)
+        self.listener = ImapListener(
+            state.storage, state.hub, settings, state.tls,
+            implicit_tls=name == "imaps", max_connections=cfg.imap.max_connections,
+        )
 
     async def start(self) -> None:
         self.state.ports[self.name] = await self.listener.start(*self.address)
@@ -162,6 +196,9 @@ class Node:
         services: list[Service] = []
         if listen.smtp:
             services.append(SmtpService(state, listen.smtp))
+        for name in ("imap", "imaps"):
+            if getattr(listen, name):
+                services.append(ImapService(state, getattr(listen, name), name))
         if listen.http:
             services.append(HttpService(state, listen.http))
         services.append(PurgeWorker(state))
@@ -177,6 +214,8 @@ class Node:
             stack.push_async_callback(storage.close)
             tls = await loop.run_in_executor(None, make_tls, self.config)
             state = self.state = ServerState(self.config, storage, tls, self.config.hostname)
+            state.hub.poll_interval = self.config.imap.poll_interval
+            storage.mail.on_change(state.hub.publish)
             self.services = self.build_services(state)
             for service in self.services:
                 await service.start()

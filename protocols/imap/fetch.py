@@ -1,0 +1,197 @@
+"""FETCH data items (RFC 9051 §6.4.5, §7.5.2; RFC 3516 BINARY; RFC 7162 MODSEQ).
+
+Everything comes from what ingest stored: flags and sizes from the message
+record, ENVELOPE and BODYSTRUCTURE from the parsed structure, and body bytes
+from the blob, reading only the byte range a section or partial needs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from storage import mime
+from storage.mail import Email, Message
+
+from . import response as r
+from .commands import FetchItem
+
+RawReader = Callable[[Email, int, int | None], Awaitable[bytes]]
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def internal_date(ts: int) -> bytes:
+    """``"17-Jul-1996 02:44:25 +0000"`` (RFC 9051 §9 date-time), in UTC."""
+    t = time.gmtime(ts)
+    return b'"%02d-%s-%04d %02d:%02d:%02d +0000"' % (
+        t.tm_mday, _MONTHS[t.tm_mon - 1].encode(), t.tm_year, t.tm_hour, t.tm_min, t.tm_sec,
+    )
+
+
+class FetchError(Exception):
+    """A section that does not exist or cannot be decoded (BINARY: RFC 3516 §4.2
+    answers ``NO [UNKNOWN-CTE]``)."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+def needs_structure(items: Sequence[FetchItem]) -> bool:
+    return any(i.name in ("ENVELOPE", "BODYSTRUCTURE", "BINARY", "BINARY.SIZE", "RFC822.HEADER", "RFC822.TEXT")
+               or (i.name == "BODY" and (i.section is None or i.section or i.text)) for i in items)
+
+
+def needs_email(items: Sequence[FetchItem]) -> bool:
+    return any(i.name not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ") for i in items)
+
+
+def sets_seen(items: Sequence[FetchItem]) -> bool:
+    """RFC 9051 §6.4.5: BODY[...] without .PEEK, BINARY[...] and RFC822(.TEXT) set \\Seen."""
+    return any(
+        (i.name in ("BODY", "BINARY") and i.section is not None and not i.peek) or i.name in ("RFC822", "RFC822.TEXT")
+        for i in items
+    )
+
+
+@dataclass(slots=True)
+class _Range:
+    start: int
+    end: int
+
+
+def _section_range(structure: mime.Message, item: FetchItem) -> _Range:
+    """Byte range of a BODY[section] (without partial) in the raw message."""
+    section = list(item.section or ())
+    total = structure.root.end
+    if not section:
+        msg: mime.Message | None = structure
+        part = structure.root
+    else:
+        found = mime.find_part(structure, section)
+        if found is None:
+            raise FetchError("NONEXISTENT", "no such body section")
+        part = found
+        msg = part.message if part.type == "message" and part.message is not None else None
+    text = item.text
+    if text is None:
+        if not section:
+            return _Range(0, total)
+        return _Range(part.body_start, part.end)
+    if text == "MIME":
+        return _Range(part.header_start, part.body_start)
+    # HEADER, HEADER.FIELDS[.NOT], TEXT of the message or of a message/rfc822 part.
+    if msg is None:
+        raise FetchError("NONEXISTENT", "section is not a message")
+    if text == "TEXT":
+        return _Range(msg.root.body_start, msg.root.end)
+    return _Range(msg.root.header_start, msg.root.body_start)
+
+
+def _partial(data: bytes, item: FetchItem) -> bytes:
+    if item.partial is None:
+        return data
+    start, length = item.partial
+    return data[start : start + length]
+
+
+class Renderer:
+    """Renders the FETCH items of one message."""
+
+    def __init__(self, read_raw: RawReader, utf8: bool) -> None:
+        self.read_raw = read_raw
+        self.utf8 = utf8
+
+    async def render(
+        self,
+        seq: int,
+        msg: Message,
+        email: Email | None,
+        items: Sequence[FetchItem],
+        *,
+        with_uid: bool,
+        with_modseq: bool,
+        flags_changed: bool = False,
+    ) -> bytes:
+        out: list[bytes] = []
+        names: set[str] = set()
+        if with_uid:
+            out.append(b"UID %d" % msg.uid)
+            names.add("UID")
+        for item in items:
+            if item.name in ("UID", "FLAGS", "MODSEQ") and item.name in names:
+                continue
+            names.add(item.name)
+            out.append(await self._item(msg, email, item))
+        if flags_changed and "FLAGS" not in names:
+            out.append(b"FLAGS " + r.encode_flags(msg.flags))
+        if with_modseq and "MODSEQ" not in names:
+            out.append(b"MODSEQ (%d)" % msg.modseq)
+        return b"* %d FETCH (" % seq + b" ".join(out) + b")\r\n"
+
+    async def _item(self, msg: Message, email: Email | None, item: FetchItem) -> bytes:
+        name = item.name
+        if name == "UID":
+            return b"UID %d" % msg.uid
+        if name == "FLAGS":
+            return b"FLAGS " + r.encode_flags(msg.flags)
+        if name == "INTERNALDATE":
+            return b"INTERNALDATE " + internal_date(msg.internal_date)
+        if name == "RFC822.SIZE":
+            return b"RFC822.SIZE %d" % msg.size
+        if name == "MODSEQ":
+            return b"MODSEQ (%d)" % msg.modseq
+        if email is None or email.structure is None:
+            raise FetchError("UNAVAILABLE", "message content is not available")
+        structure = email.structure
+        if name == "ENVELOPE":
+            return b"ENVELOPE " + r.render_envelope(structure.envelope, utf8=self.utf8)
+        if name == "BODYSTRUCTURE":
+            return b"BODYSTRUCTURE " + r.render_bodystructure(structure.root, True, utf8=self.utf8)
+        if name == "BODY" and item.section is None:
+            return b"BODY " + r.render_bodystructure(structure.root, False, utf8=self.utf8)
+        if name == "RFC822":
+            return b"RFC822 " + r.literal(await self.read_raw(email, 0, None))
+        if name == "RFC822.HEADER":
+            return b"RFC822.HEADER " + r.literal(await self.read_raw(email, 0, structure.root.body_start))
+        if name == "RFC822.TEXT":
+            start = structure.root.body_start
+            return b"RFC822.TEXT " + r.literal(await self.read_raw(email, start, structure.root.end - start))
+        if name == "BODY":
+            return item.label() + b" " + r.literal(await self._body_section(email, structure, item))
+        if name in ("BINARY", "BINARY.SIZE"):
+            decoded = await self._binary(email, structure, item)
+            if name == "BINARY.SIZE":
+                return item.label() + b" %d" % len(decoded)
+            return item.label() + b" " + r.binary(_partial(decoded, item))
+        raise FetchError("CLIENTBUG", f"unknown fetch item {name}")
+
+    async def _body_section(self, email: Email, structure: mime.Message, item: FetchItem) -> bytes:
+        rng = _section_range(structure, item)
+        if item.text in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+            header = await self.read_raw(email, rng.start, rng.end - rng.start)
+            return _partial(mime.header_fields(header, list(item.headers), item.text == "HEADER.FIELDS.NOT"), item)
+        if item.partial is not None:
+            start, length = item.partial
+            if start >= rng.end - rng.start:
+                return b""
+            # Only the bytes asked for are read from the blob chunks.
+            return await self.read_raw(email, rng.start + start, min(length, rng.end - rng.start - start))
+        return await self.read_raw(email, rng.start, rng.end - rng.start)
+
+    async def _binary(self, email: Email, structure: mime.Message, item: FetchItem) -> bytes:
+        section = list(item.section or ())
+        if not section:
+            return await self.read_raw(email, 0, None)
+        part = mime.find_part(structure, section)
+        if part is None:
+            raise FetchError("NONEXISTENT", "no such body section")
+        if part.children or part.type == "multipart":
+            raise FetchError("UNKNOWN-CTE", "BINARY of a multipart is not defined")
+        if part.encoding not in ("7bit", "8bit", "binary", "base64", "quoted-printable"):
+            raise FetchError("UNKNOWN-CTE", f"cannot decode {part.encoding}")
+        raw = await self.read_raw(email, 0, part.end)
+        return mime.decode_body(raw, part)

@@ -1,0 +1,748 @@
+"""IMAP session: state, and one ``do_<VERB>`` per command (RFC 9051, RFC 3501).
+
+The session checks each command's legal states once (STYLE.md), calls only
+storage's domain API, and writes whole responses through its connection.
+After commands in the selected state it folds in what changed in the store
+(other sessions, other nodes) and reports it as EXISTS / FETCH / EXPUNGE or
+VANISHED where the RFC allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from storage import Storage
+from storage.directory import Account
+from storage.errors import AuthenticationFailed, InvalidInput, MailboxNotFound, RookeryError
+from storage.mail import Email, Message
+
+from ..push import PushHub, Subscription
+from . import commands as c
+from . import response as r
+from . import search as searching
+from .fetch import FetchError, Renderer, needs_email, sets_seen
+from .parse import ParseError, decode_mutf7, encode_mutf7, parse_authenticate_response
+from .selected import InvalidSequence, MailboxGone, Selected
+
+log = logging.getLogger("rookery.imap")
+
+DELIMITER = "/"
+SERVER_ID = (("name", "Rookery"), ("vendor", "Rookery"), ("version", "0.1.0"))
+ENABLABLE = ("CONDSTORE", "QRESYNC", "UTF8=ACCEPT", "IMAP4REV2")
+#: Commands during which EXPUNGE must not be sent (RFC 9051 §7.5.1).
+NO_EXPUNGE = ("FETCH", "STORE", "SEARCH", "SORT", "THREAD")
+
+
+@dataclass(frozen=True, slots=True)
+class ImapSettings:
+    hostname: str = "localhost"
+    allow_plaintext_auth: bool = False
+    #: Longest command line (not counting literals) we read.
+    max_line: int = 64 * 1024
+    #: APPENDLIMIT (RFC 7889): largest message APPEND takes.
+    max_append: int = 50 * 1024 * 1024
+    #: Largest literal in any other command.
+    max_literal: int = 1024 * 1024
+    max_bad_commands: int = 20
+    #: RFC 9051 §5.4: at least 30 minutes once authenticated; shorter before.
+    preauth_timeout: float = 60.0
+    autologout: float = 1800.0
+
+
+class Connection(Protocol):
+    """What the session needs from the read loop."""
+
+    peer: str
+    tls: bool
+    loopback: bool
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def read_line(self, timeout: float) -> bytes | None: ...
+
+    async def start_tls(self) -> None: ...
+
+
+class Logout(Exception):
+    """End the connection after the current response."""
+
+
+def _uses_modseq(key: c.SearchKey) -> bool:
+    if isinstance(key, c.ModSeqKey):
+        return True
+    if isinstance(key, c.And):
+        return any(_uses_modseq(k) for k in key.keys)
+    if isinstance(key, c.Or):
+        return _uses_modseq(key.left) or _uses_modseq(key.right)
+    if isinstance(key, c.Not):
+        return _uses_modseq(key.key)
+    return False
+
+
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """LIST wildcards: ``*`` any, ``%`` any but the delimiter (RFC 9051 §6.3.9)."""
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append(".*")
+        elif ch == "%":
+            out.append(f"[^{re.escape(DELIMITER)}]*")
+        else:
+            out.append(re.escape(ch))
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+def _inbox_ci(name: str) -> str:
+    head, sep, rest = name.partition(DELIMITER)
+    return "INBOX" + sep + rest if head.upper() == "INBOX" else name
+
+
+class _Source:
+    """Message content for SEARCH/SORT/THREAD, loaded lazily and once."""
+
+    def __init__(self, session: ImapSession) -> None:
+        self.session = session
+        self.emails: dict[int, Email] = {}
+
+    async def _email(self, msg: Message) -> Email:
+        email = self.emails.get(msg.email_id)
+        if email is None:
+            assert self.session.account is not None
+            found = await self.session.storage.mail.emails(self.session.account.id, [msg.email_id])
+            email = found.get(msg.email_id)
+            if email is None:
+                raise FetchError("EXPUNGEISSUED", "message was expunged")
+            self.emails[msg.email_id] = email
+        return email
+
+    async def structure(self, msg: Message) -> object:
+        email = await self._email(msg)
+        return email.structure
+
+    async def raw(self, msg: Message, end: int | None = None) -> bytes:
+        email = await self._email(msg)
+        return await self.session.storage.mail.read_blob(email.digest, 0, end)
+
+
+class ImapSession:
+    def __init__(self, storage: Storage, hub: PushHub, settings: ImapSettings, conn: Connection) -> None:
+        self.storage = storage
+        self.hub = hub
+        self.settings = settings
+        self.conn = conn
+        self.state = c.State.NOT_AUTHENTICATED
+        self.account: Account | None = None
+        self.selected: Selected | None = None
+        self.enabled: set[str] = set()
+        self.saved: list[int] | None = None  # SEARCHRES (RFC 5182), UIDs
+        self.sub: Subscription | None = None
+        self.seen_version = 0
+        self.last_poll = 0.0
+        self.bad_commands = 0
+        self.renderer = Renderer(self._read_raw, utf8=False)
+
+    # -- capabilities --------------------------------------------------------------
+
+    @property
+    def secure(self) -> bool:
+        return self.conn.tls or self.conn.loopback or self.settings.allow_plaintext_auth
+
+    @property
+    def utf8(self) -> bool:
+        return "UTF8=ACCEPT" in self.enabled or "IMAP4REV2" in self.enabled
+
+    @property
+    def condstore(self) -> bool:
+        return "CONDSTORE" in self.enabled or "QRESYNC" in self.enabled
+
+    @property
+    def qresync(self) -> bool:
+        return "QRESYNC" in self.enabled
+
+    def capabilities(self) -> bytes:
+        caps = ["IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+        if self.state == c.State.NOT_AUTHENTICATED:
+            if not self.conn.tls:
+                caps.append("STARTTLS")
+            caps.append("AUTH=PLAIN" if self.secure else "LOGINDISABLED")
+        else:
+            caps += [
+                "NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS",
+                "SPECIAL-USE", "CREATE-SPECIAL-USE", "CONDSTORE", "QRESYNC", "ESEARCH", "SEARCHRES", "SORT",
+                "SORT=DISPLAY", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "BINARY", "MULTIAPPEND",
+                f"APPENDLIMIT={self.settings.max_append}", "STATUS=SIZE", "UTF8=ACCEPT",
+            ]
+        return " ".join(caps).encode()
+
+    def greeting(self) -> bytes:
+        return r.untagged_status("OK", b"CAPABILITY " + self.capabilities(), "Rookery IMAP ready")
+
+    # -- mailbox names -------------------------------------------------------------
+
+    def name_in(self, name: str) -> str:
+        if not self.utf8:
+            try:
+                name = decode_mutf7(name)
+            except ValueError:
+                raise InvalidInput("mailbox name is not valid modified UTF-7") from None
+        return _inbox_ci(name)
+
+    def name_out(self, name: str) -> bytes:
+        return r.astring(name if self.utf8 else encode_mutf7(name), utf8=self.utf8)
+
+    # -- dispatch --------------------------------------------------------------------
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.preauth_timeout if self.state == c.State.NOT_AUTHENTICATED else self.settings.autologout
+
+    async def handle(self, cmd: c.Command) -> None:
+        """Run one command; raises :class:`Logout` when the connection ends."""
+        if not (self.state & cmd.states):
+            await self.conn.write(r.tagged(cmd.tag, "BAD", None, f"{cmd.name} not allowed now"))
+            self.bad_commands += 1
+            return
+        handler = getattr(self, f"do_{cmd.name}")
+        tag = cmd.tag
+        try:
+            lines = await handler(cmd)
+        except (Logout, asyncio.CancelledError):
+            raise
+        except MailboxGone:
+            await self.conn.write(r.untagged_status("BYE", None, "Selected mailbox was deleted, closing"))
+            raise Logout() from None
+        except InvalidSequence as exc:
+            lines = [r.tagged(tag, "BAD", None, str(exc))]
+        except FetchError as exc:
+            lines = [r.tagged(tag, "NO", exc.code.encode(), exc.text)]
+        except RookeryError as exc:
+            status, code = exc.imap
+            lines = [r.tagged(tag, status, code.encode() if code else None, exc.text)]
+        except Exception:
+            log.exception("imap command failed", extra={"peer": self.conn.peer, "command": cmd.name})
+            lines = [r.tagged(tag, "NO", b"SERVERBUG", "Internal error")]
+        await self.conn.write(b"".join(lines))
+
+    async def updates(self, command: str, uid: bool) -> list[bytes]:
+        """Changes to report after a command in the selected state."""
+        sel = self.selected
+        if sel is None or self.account is None or self.sub is None:
+            return []
+        now = time.monotonic()
+        if self.sub.version == self.seen_version and now - self.last_poll < self.hub.poll_interval and not sel.pending_expunge:
+            return []
+        self.seen_version = self.sub.version
+        self.last_poll = now
+        changes = await self.storage.mail.changes(self.account.id, sel.mailbox.id, sel.modseq)
+        lines, new = sel.apply(changes, condstore=self.condstore, with_uid=self.qresync)
+        if command not in NO_EXPUNGE or uid:
+            lines += sel.flush_expunges(self.qresync)
+        return lines + sel.add_new(new)
+
+    def _select_state(self) -> Selected:
+        assert self.selected is not None
+        return self.selected
+
+    def _acct(self) -> int:
+        assert self.account is not None
+        return self.account.id
+
+    async def _read_raw(self, email: Email, start: int, length: int | None) -> bytes:
+        return await self.storage.mail.read_blob(email.digest, start, length)
+
+    # -- any state -------------------------------------------------------------------
+
+    async def do_CAPABILITY(self, cmd: c.Capability) -> list[bytes]:
+        return [r.untagged(b"CAPABILITY", self.capabilities()), r.tagged(cmd.tag, "OK", None, "CAPABILITY completed")]
+
+    async def do_NOOP(self, cmd: c.Noop) -> list[bytes]:
+        self.last_poll = 0.0  # NOOP always looks at the store
+        return await self.updates("NOOP", False) + [r.tagged(cmd.tag, "OK", None, "NOOP completed")]
+
+    async def do_CHECK(self, cmd: c.Check) -> list[bytes]:
+        self.last_poll = 0.0
+        return await self.updates("CHECK", False) + [r.tagged(cmd.tag, "OK", None, "CHECK completed")]
+
+    async def do_LOGOUT(self, cmd: c.Logout) -> list[bytes]:
+        await self.conn.write(r.untagged_status("BYE", None, "Logging out") + r.tagged(cmd.tag, "OK", None, "LOGOUT completed"))
+        raise Logout()
+
+    async def do_ID(self, cmd: c.Id) -> list[bytes]:
+        fields = b" ".join(r.quoted(k) + b" " + r.quoted(v) for k, v in SERVER_ID)
+        return [r.untagged(b"ID", b"(" + fields + b")"), r.tagged(cmd.tag, "OK", None, "ID completed")]
+
+    # -- not authenticated -----------------------------------------------------------
+
+    async def do_STARTTLS(self, cmd: c.StartTLS) -> list[bytes]:
+        if self.conn.tls:
+            return [r.tagged(cmd.tag, "BAD", None, "TLS is already active")]
+        await self.conn.write(r.tagged(cmd.tag, "OK", None, "Begin TLS negotiation now"))
+        await self.conn.start_tls()
+        return []
+
+    async def _login(self, tag: bytes, username: str, password: str) -> list[bytes]:
+        if not self.secure:
+            return [r.tagged(tag, "NO", b"PRIVACYREQUIRED", "Login requires TLS (use STARTTLS)")]
+        try:
+            account = await self.storage.directory.login(username, password, self.conn.peer.rpartition(":")[0])
+        except AuthenticationFailed as exc:
+            log.info("login failed", extra={"peer": self.conn.peer, "user": username[:100]})
+            return [r.tagged(tag, "NO", b"AUTHENTICATIONFAILED", exc.text)]
+        self.account = account
+        self.state = c.State.AUTHENTICATED
+        self.sub = self.hub.subscribe(account.id)
+        log.info("login", extra={"peer": self.conn.peer, "user": account.email})
+        return [r.tagged(tag, "OK", b"CAPABILITY " + self.capabilities(), "Logged in")]
+
+    async def do_LOGIN(self, cmd: c.Login) -> list[bytes]:
+        return await self._login(
+            cmd.tag, cmd.username.decode("utf-8", "replace"), cmd.password.decode("utf-8", "surrogateescape")
+        )
+
+    async def do_AUTHENTICATE(self, cmd: c.Authenticate) -> list[bytes]:
+        if cmd.mechanism != "PLAIN":
+            return [r.tagged(cmd.tag, "NO", None, "Unsupported authentication mechanism")]
+        if not self.secure:
+            return [r.tagged(cmd.tag, "NO", b"PRIVACYREQUIRED", "Authentication requires TLS (use STARTTLS)")]
+        data = cmd.initial_response
+        if data is None:
+            await self.conn.write(r.continuation())
+            line = await self.conn.read_line(self.timeout)
+            if line is None:
+                raise Logout()
+            try:
+                data = parse_authenticate_response(line)
+            except ParseError:
+                return [r.tagged(cmd.tag, "BAD", None, "Invalid base64 in response")]
+            if data is None:
+                return [r.tagged(cmd.tag, "BAD", None, "Authentication cancelled")]
+        parts = data.split(b"\x00")
+        if len(parts) != 3:
+            return [r.tagged(cmd.tag, "BAD", None, "Malformed PLAIN response")]
+        authzid, authcid, password = (p.decode("utf-8", "surrogateescape") for p in parts)
+        if authzid and authzid.lower() != authcid.lower():
+            return [r.tagged(cmd.tag, "NO", b"AUTHORIZATIONFAILED", "Cannot act as another user")]
+        return await self._login(cmd.tag, authcid, password)
+
+    # -- authenticated -----------------------------------------------------------------
+
+    async def do_ENABLE(self, cmd: c.Enable) -> list[bytes]:
+        newly = [cap for cap in cmd.capabilities if cap in ENABLABLE and cap not in self.enabled]
+        self.enabled.update(newly)
+        self.renderer.utf8 = self.utf8
+        names = " ".join("IMAP4rev2" if n == "IMAP4REV2" else n for n in newly)
+        return [r.untagged(b"ENABLED" + (b" " + names.encode() if names else b"")), r.tagged(cmd.tag, "OK", None, "ENABLE completed")]
+
+    async def do_SELECT(self, cmd: c.Select | c.Examine) -> list[bytes]:
+        readonly = isinstance(cmd, c.Examine)
+        lines: list[bytes] = []
+        if self.selected is not None:
+            self.selected = None
+            self.state = c.State.AUTHENTICATED
+            lines.append(r.untagged_status("OK", b"CLOSED", "Previous mailbox closed"))
+        if cmd.qresync is not None and not self.qresync:
+            return lines + [r.tagged(cmd.tag, "BAD", None, "QRESYNC is not enabled")]
+        if cmd.condstore:
+            self.enabled.add("CONDSTORE")
+        snap = await self.storage.mail.snapshot(self._acct(), self.name_in(cmd.mailbox))
+        sel = Selected(snap, readonly)
+        self.selected = sel
+        self.state = c.State.SELECTED
+        self.saved = None
+        assert self.sub is not None
+        self.seen_version = self.sub.version
+        self.last_poll = time.monotonic()
+        box = snap.mailbox
+        lines.append(sel.flags_line())
+        permanent = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft", "\\*"] if not readonly else []
+        lines.append(r.untagged_status("OK", r.code_permanentflags(permanent), "Flags permitted"))
+        lines.append(r.untagged(len(sel), b"EXISTS"))
+        if "IMAP4REV2" not in self.enabled:
+            lines.append(r.untagged(0, b"RECENT"))
+            unseen = sel.first_unseen()
+            if unseen is not None:
+                lines.append(r.untagged_status("OK", b"UNSEEN %d" % unseen, "First unseen"))
+        lines.append(r.untagged_status("OK", b"UIDVALIDITY %d" % box.uidvalidity, "UIDs valid"))
+        lines.append(r.untagged_status("OK", b"UIDNEXT %d" % box.uidnext, "Predicted next UID"))
+        lines.append(r.untagged_status("OK", r.code_highestmodseq(sel.modseq), "Highest"))
+        if cmd.qresync is not None and cmd.qresync.uidvalidity == box.uidvalidity:
+            lines += await self._qresync(sel, cmd.qresync)
+        mode = b"READ-ONLY" if readonly else b"READ-WRITE"
+        return lines + [r.tagged(cmd.tag, "OK", mode, f"{cmd.name} completed")]
+
+    do_EXAMINE = do_SELECT
+
+    async def _qresync(self, sel: Selected, q: c.QResync) -> list[bytes]:
+        """RFC 7162 §3.2.5.2: VANISHED (EARLIER) and FETCH for changes since."""
+        changes = await self.storage.mail.changes(self._acct(), sel.mailbox.id, q.modseq)
+        known_largest = sel.max_uid
+        lines: list[bytes] = []
+        vanished = [u for u in changes.expunged if q.known_uids is None or q.known_uids.contains(u, known_largest)]
+        if vanished:
+            lines.append(r.untagged(b"VANISHED (EARLIER)", r.encode_seqset(vanished)))
+        for m in changes.changed:
+            seq = sel.seq_of(m.uid)
+            if seq is not None:
+                lines.append(b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))\r\n" % (seq, m.uid, r.encode_flags(m.flags), m.modseq))
+        return lines
+
+    async def do_CREATE(self, cmd: c.Create) -> list[bytes]:
+        if len(cmd.special_use) > 1:
+            return [r.tagged(cmd.tag, "NO", b"USEATTR", "Only one special use per mailbox")]
+        name = self.name_in(cmd.mailbox)
+        await self.storage.mail.create_mailbox(self._acct(), name, cmd.special_use[0] if cmd.special_use else None)
+        return [r.tagged(cmd.tag, "OK", None, "CREATE completed")]
+
+    async def do_DELETE(self, cmd: c.Delete) -> list[bytes]:
+        await self.storage.mail.delete_mailbox(self._acct(), self.name_in(cmd.mailbox))
+        return [r.tagged(cmd.tag, "OK", None, "DELETE completed")]
+
+    async def do_RENAME(self, cmd: c.Rename) -> list[bytes]:
+        await self.storage.mail.rename_mailbox(self._acct(), self.name_in(cmd.mailbox), self.name_in(cmd.new_name))
+        return [r.tagged(cmd.tag, "OK", None, "RENAME completed")]
+
+    async def do_SUBSCRIBE(self, cmd: c.Subscribe) -> list[bytes]:
+        await self.storage.mail.subscribe(self._acct(), self.name_in(cmd.mailbox), True)
+        return [r.tagged(cmd.tag, "OK", None, "SUBSCRIBE completed")]
+
+    async def do_UNSUBSCRIBE(self, cmd: c.Unsubscribe) -> list[bytes]:
+        await self.storage.mail.subscribe(self._acct(), self.name_in(cmd.mailbox), False)
+        return [r.tagged(cmd.tag, "OK", None, "UNSUBSCRIBE completed")]
+
+    async def do_NAMESPACE(self, cmd: c.Namespace) -> list[bytes]:
+        return [r.untagged(b'NAMESPACE (("" "/")) NIL NIL'), r.tagged(cmd.tag, "OK", None, "NAMESPACE completed")]
+
+    async def do_LIST(self, cmd: c.List) -> list[bytes]:
+        acct = self._acct()
+        reference = self.name_in(cmd.reference) if cmd.reference else ""
+        patterns = [self.name_in(reference + p) if (reference + p) else "" for p in cmd.patterns]
+        if patterns == [""]:
+            # RFC 9051 §6.3.9: the hierarchy delimiter and root.
+            return [r.untagged(b"LIST", b"(\\Noselect)", r.quoted(DELIMITER), r.quoted("")), r.tagged(cmd.tag, "OK", None, "LIST completed")]
+        boxes = await self.storage.mail.mailboxes(acct)
+        names = {b.name for b in boxes}
+        regexes = [_pattern(p) for p in patterns if p]
+        sel_subscribed = "SUBSCRIBED" in cmd.selection
+        sel_special = "SPECIAL-USE" in cmd.selection
+        ret_subscribed = sel_subscribed or "SUBSCRIBED" in cmd.return_opts
+        subscribed_names = {b.name for b in boxes if b.subscribed}
+        chosen = []
+        for box in boxes:
+            if not any(rx.match(box.name) for rx in regexes):
+                continue
+            if sel_subscribed and not box.subscribed:
+                continue
+            if sel_special and not box.special_use:
+                continue
+            chosen.append(box)
+        statuses = {}
+        if cmd.status_items is not None:
+            for st in await self.storage.mail.statuses(acct, chosen):
+                statuses[st.mailbox.name] = st
+        lines = []
+        for box in chosen:
+            attrs = []
+            has_children = any(n.startswith(box.name + DELIMITER) for n in names)
+            attrs.append("\\HasChildren" if has_children else "\\HasNoChildren")
+            if box.special_use:
+                attrs.append(box.special_use)
+            if ret_subscribed and box.name in subscribed_names:
+                attrs.append("\\Subscribed")
+            lines.append(r.untagged(b"LIST", r.encode_flags(attrs), r.quoted(DELIMITER), self.name_out(box.name)))
+            st = statuses.get(box.name)
+            if st is not None and cmd.status_items is not None:
+                lines.append(self._status_line(st, cmd.status_items))
+        return lines + [r.tagged(cmd.tag, "OK", None, "LIST completed")]
+
+    async def do_LSUB(self, cmd: c.Lsub) -> list[bytes]:
+        reference = self.name_in(cmd.reference) if cmd.reference else ""
+        pattern = self.name_in(reference + cmd.pattern) if reference + cmd.pattern else ""
+        lines = []
+        if pattern:
+            rx = _pattern(pattern)
+            for box in await self.storage.mail.mailboxes(self._acct()):
+                if box.subscribed and rx.match(box.name):
+                    lines.append(r.untagged(b"LSUB", b"()", r.quoted(DELIMITER), self.name_out(box.name)))
+        return lines + [r.tagged(cmd.tag, "OK", None, "LSUB completed")]
+
+    def _status_line(self, st: object, items: Sequence[str]) -> bytes:
+        from storage.mail import MailboxStatus
+
+        assert isinstance(st, MailboxStatus)
+        values = {
+            "MESSAGES": st.messages, "UIDNEXT": st.mailbox.uidnext, "UIDVALIDITY": st.mailbox.uidvalidity,
+            "UNSEEN": st.unseen, "DELETED": st.deleted, "SIZE": st.size, "RECENT": 0,
+            "HIGHESTMODSEQ": st.highestmodseq, "APPENDLIMIT": self.settings.max_append,
+        }
+        body = b" ".join(b"%s %d" % (item.encode(), values[item]) for item in items if item in values)
+        return r.untagged(b"STATUS", self.name_out(st.mailbox.name), b"(" + body + b")")
+
+    async def do_STATUS(self, cmd: c.Status) -> list[bytes]:
+        st = await self.storage.mail.status(self._acct(), self.name_in(cmd.mailbox))
+        if "HIGHESTMODSEQ" in cmd.items:
+            self.enabled.add("CONDSTORE")
+        return [self._status_line(st, cmd.items), r.tagged(cmd.tag, "OK", None, "STATUS completed")]
+
+    async def do_APPEND(self, cmd: c.Append) -> list[bytes]:
+        items = []
+        for m in cmd.messages:
+            if not m.data:
+                return [r.tagged(cmd.tag, "NO", None, "Cannot append an empty message")]
+            if len(m.data) > self.settings.max_append:
+                return [r.tagged(cmd.tag, "NO", b"TOOBIG", "Message exceeds APPENDLIMIT")]
+            when = int(m.date_time.timestamp()) if m.date_time is not None else None
+            items.append((m.data, m.flags, when))
+        name = self.name_in(cmd.mailbox)
+        uidvalidity, uids = await self.storage.mail.append_many(self._acct(), name, items)
+        lines = await self.updates("APPEND", True)
+        return lines + [r.tagged(cmd.tag, "OK", r.code_appenduid(uidvalidity, uids), "APPEND completed")]
+
+    async def do_IDLE(self, cmd: c.Idle) -> list[bytes]:
+        """RFC 2177: report changes as they happen until DONE."""
+        await self.conn.write(r.continuation("idling"))
+        if self.selected is not None:
+            self.last_poll = 0.0
+            pending = await self.updates("IDLE", True)
+            if pending:
+                await self.conn.write(b"".join(pending))
+        reader = asyncio.ensure_future(self.conn.read_line(self.settings.autologout))
+        try:
+            while True:
+                waiter = asyncio.ensure_future(self.sub.wait(self.hub.poll_interval)) if self.sub else None
+                waits: set[asyncio.Future[object]] = {reader}  # type: ignore[arg-type]
+                if waiter is not None:
+                    waits.add(waiter)  # type: ignore[arg-type]
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if waiter is not None and waiter not in done:
+                    waiter.cancel()
+                if reader in done:
+                    line = reader.result()
+                    if line is None:
+                        raise Logout()
+                    if line.rstrip(b"\r\n").upper() == b"DONE":
+                        return [r.tagged(cmd.tag, "OK", None, "IDLE terminated")]
+                    return [r.tagged(cmd.tag, "BAD", None, "Expected DONE")]
+                if self.selected is not None:
+                    self.last_poll = 0.0
+                    lines = await self.updates("IDLE", True)
+                    if lines:
+                        await self.conn.write(b"".join(lines))
+        finally:
+            if not reader.done():
+                reader.cancel()
+
+    # -- selected --------------------------------------------------------------------
+
+    async def do_CLOSE(self, cmd: c.Close) -> list[bytes]:
+        sel = self._select_state()
+        if not sel.readonly:
+            await self.storage.mail.expunge(self._acct(), sel.mailbox.id)
+        self.selected = None
+        self.state = c.State.AUTHENTICATED
+        return [r.tagged(cmd.tag, "OK", None, "CLOSE completed")]
+
+    async def do_UNSELECT(self, cmd: c.Unselect) -> list[bytes]:
+        self.selected = None
+        self.state = c.State.AUTHENTICATED
+        return [r.tagged(cmd.tag, "OK", None, "UNSELECT completed")]
+
+    async def do_EXPUNGE(self, cmd: c.Expunge) -> list[bytes]:
+        sel = self._select_state()
+        if sel.readonly:
+            return [r.tagged(cmd.tag, "NO", b"READ-ONLY", "Mailbox is read-only")]
+        uids = None if cmd.seqset is None else [u for _, u in sel.resolve(cmd.seqset, True)]
+        gone = await self.storage.mail.expunge(self._acct(), sel.mailbox.id, uids)
+        sel.pending_expunge.update(u for u in gone if u in sel.msgs)
+        self.last_poll = 0.0
+        lines = await self.updates("EXPUNGE", True)
+        lines += sel.flush_expunges(self.qresync)
+        return lines + [r.tagged(cmd.tag, "OK", None, "EXPUNGE completed")]
+
+    def _seqset(self, seqset: c.SequenceSet) -> c.SequenceSet:
+        if seqset.saved:
+            # SEARCHRES '$' (RFC 5182 §2.1): the UIDs saved by SEARCH RETURN (SAVE).
+            saved = self.saved or []
+            return c.SequenceSet(tuple((u, u) for u in saved)) if saved else c.SequenceSet(())
+        return seqset
+
+    def _pairs(self, seqset: c.SequenceSet, uid: bool) -> list[tuple[int, int]]:
+        sel = self._select_state()
+        if seqset.saved:
+            return sel.resolve_uids(self.saved or [])
+        return sel.resolve(seqset, uid)
+
+    async def do_FETCH(self, cmd: c.Fetch) -> list[bytes]:
+        sel = self._select_state()
+        acct = self._acct()
+        pairs = self._pairs(cmd.seqset, cmd.uid)
+        lines: list[bytes] = []
+        if cmd.changedsince is not None or any(i.name == "MODSEQ" for i in cmd.items):
+            self.enabled.add("CONDSTORE")
+        if cmd.vanished and cmd.changedsince is not None:
+            if not self.qresync:
+                return [r.tagged(cmd.tag, "BAD", None, "VANISHED needs QRESYNC enabled")]
+            changes = await self.storage.mail.changes(acct, sel.mailbox.id, cmd.changedsince)
+            vanished = [u for u in changes.expunged if cmd.seqset.saved or cmd.seqset.contains(u, sel.max_uid)]
+            if vanished:
+                lines.append(r.untagged(b"VANISHED (EARLIER)", r.encode_seqset(vanished)))
+        msgs = [(seq, sel.msgs[uid]) for seq, uid in pairs if uid in sel.msgs]
+        if cmd.changedsince is not None:
+            msgs = [(s, m) for s, m in msgs if m.modseq > cmd.changedsince]
+        seen_changed: set[int] = set()
+        if sets_seen(cmd.items) and not sel.readonly:
+            unseen = [m.uid for _, m in msgs if "\\Seen" not in m.flags]
+            if unseen:
+                changed, _ = await self.storage.mail.store_flags(acct, sel.mailbox.id, unseen, "add", ["\\Seen"])
+                sel.note_own(changed)
+                seen_changed = {m.uid for m in changed}
+                msgs = [(s, sel.msgs[m.uid]) for s, m in msgs]
+        emails: dict[int, Email] = {}
+        if needs_email(cmd.items) and msgs:
+            emails = await self.storage.mail.emails(acct, [m.email_id for _, m in msgs])
+        with_modseq = cmd.changedsince is not None or (self.condstore and bool(seen_changed))
+        for seq, msg in msgs:
+            email = emails.get(msg.email_id)
+            if email is None and needs_email(cmd.items):
+                continue  # expunged meanwhile by another session: nothing to show
+            lines.append(
+                await self.renderer.render(
+                    seq, msg, email, cmd.items, with_uid=cmd.uid, with_modseq=with_modseq,
+                    flags_changed=msg.uid in seen_changed,
+                )
+            )
+        lines += await self.updates("FETCH", cmd.uid)
+        return lines + [r.tagged(cmd.tag, "OK", None, "FETCH completed")]
+
+    async def do_STORE(self, cmd: c.Store) -> list[bytes]:
+        sel = self._select_state()
+        if sel.readonly:
+            return [r.tagged(cmd.tag, "NO", b"READ-ONLY", "Mailbox is read-only")]
+        if cmd.unchangedsince is not None:
+            self.enabled.add("CONDSTORE")
+        pairs = self._pairs(cmd.seqset, cmd.uid)
+        mode = {c.StoreMode.ADD: "add", c.StoreMode.REMOVE: "remove", c.StoreMode.REPLACE: "replace"}[cmd.mode]
+        uids = [u for _, u in pairs if u in sel.msgs and u not in sel.pending_expunge]
+        changed, failed = await self.storage.mail.store_flags(self._acct(), sel.mailbox.id, uids, mode, cmd.flags, cmd.unchangedsince)
+        sel.note_own(changed)
+        sel.keywords.update(f for m in changed for f in m.flags if not f.startswith("\\"))
+        failed_set = set(failed)
+        changed_uids = {m.uid for m in changed}
+        lines = []
+        for seq, uid in pairs:
+            msg = sel.msgs.get(uid)
+            if msg is None or uid in failed_set:
+                continue
+            if cmd.silent and not (self.condstore and uid in changed_uids):
+                continue
+            items = []
+            if cmd.uid:
+                items.append(b"UID %d" % uid)
+            if not cmd.silent:
+                items.append(b"FLAGS " + r.encode_flags(msg.flags))
+            if self.condstore:
+                items.append(b"MODSEQ (%d)" % msg.modseq)
+            lines.append(b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n")
+        lines += await self.updates("STORE", cmd.uid)
+        if failed:
+            ids = failed if cmd.uid else [seq for seq, uid in pairs if uid in failed_set]
+            code = b"MODIFIED " + r.encode_seqset(ids)
+            return lines + [r.tagged(cmd.tag, "OK", code, "Conditional STORE failed for some messages")]
+        return lines + [r.tagged(cmd.tag, "OK", None, "STORE completed")]
+
+    async def do_COPY(self, cmd: c.Copy | c.Move) -> list[bytes]:
+        sel = self._select_state()
+        is_move = isinstance(cmd, c.Move)
+        if is_move and sel.readonly:
+            return [r.tagged(cmd.tag, "NO", b"READ-ONLY", "Mailbox is read-only")]
+        pairs = self._pairs(cmd.seqset, cmd.uid)
+        uids = [u for _, u in pairs if u not in sel.pending_expunge]
+        target = self.name_in(cmd.mailbox)
+        op = self.storage.mail.move if is_move else self.storage.mail.copy
+        try:
+            uidvalidity, mapping = await op(self._acct(), sel.mailbox.id, uids, target)
+        except MailboxNotFound:
+            return [r.tagged(cmd.tag, "NO", b"TRYCREATE", "Target mailbox does not exist")]
+        code = r.code_copyuid(uidvalidity, [s for s, _ in mapping], [d for _, d in mapping]) if mapping else None
+        lines: list[bytes] = []
+        if is_move:
+            if code:
+                lines.append(r.untagged_status("OK", code, "Moved"))
+            sel.pending_expunge.update(s for s, _ in mapping if s in sel.msgs)
+            self.last_poll = 0.0
+            lines += await self.updates("MOVE", True)
+            lines += sel.flush_expunges(self.qresync)
+            return lines + [r.tagged(cmd.tag, "OK", None, "MOVE completed")]
+        lines += await self.updates("COPY", cmd.uid)
+        return lines + [r.tagged(cmd.tag, "OK", code, "COPY completed")]
+
+    do_MOVE = do_COPY
+
+    async def _search(self, key: c.SearchKey, source: _Source) -> list[searching.Candidate]:
+        sel = self._select_state()
+        candidates = [searching.Candidate(i + 1, sel.msgs[uid]) for i, uid in enumerate(sel.uids) if uid in sel.msgs]
+        return await searching.search(
+            key, candidates, source,  # type: ignore[arg-type]
+            largest_seq=len(sel), largest_uid=sel.uids[-1] if sel.uids else 0,
+            saved_uids=self.saved, now=time.time(),
+        )
+
+    async def do_SEARCH(self, cmd: c.Search) -> list[bytes]:
+        source = _Source(self)
+        found = await self._search(cmd.key, source)
+        ids = [m.msg.uid if cmd.uid else m.seq for m in found]
+        modseq = max((m.msg.modseq for m in found), default=None) if _uses_modseq(cmd.key) else None
+        if modseq is not None:
+            self.enabled.add("CONDSTORE")
+        lines: list[bytes] = []
+        opts = cmd.return_opts
+        if opts is not None and "SAVE" in opts:
+            self.saved = [m.msg.uid for m in found]
+            opts = tuple(o for o in opts if o != "SAVE")
+            if not opts:
+                opts = None
+                lines += await self.updates("SEARCH", cmd.uid)
+                return lines + [r.tagged(cmd.tag, "OK", None, "SEARCH completed")]
+        if opts is not None or "IMAP4REV2" in self.enabled:
+            lines.append(searching.render_esearch(cmd.tag, cmd.uid, ids, opts or ("ALL",), modseq) + b"\r\n")
+        else:
+            lines.append(searching.render_search(ids, modseq) + b"\r\n")
+        lines += await self.updates("SEARCH", cmd.uid)
+        return lines + [r.tagged(cmd.tag, "OK", None, "SEARCH completed")]
+
+    async def do_SORT(self, cmd: c.Sort) -> list[bytes]:
+        source = _Source(self)
+        found = await self._search(cmd.key, source)
+        ordered = await searching.sort(cmd.criteria, found, source)  # type: ignore[arg-type]
+        ids = [m.msg.uid if cmd.uid else m.seq for m in ordered]
+        lines = [b"* SORT" + b"".join(b" %d" % i for i in ids) + b"\r\n"]
+        lines += await self.updates("SORT", cmd.uid)
+        return lines + [r.tagged(cmd.tag, "OK", None, "SORT completed")]
+
+    async def do_THREAD(self, cmd: c.Thread) -> list[bytes]:
+        source = _Source(self)
+        found = await self._search(cmd.key, source)
+        nodes = await searching.thread(cmd.algorithm, found, source)  # type: ignore[arg-type]
+        payload = searching.render_thread(nodes, cmd.uid)
+        lines = [b"* THREAD" + (b" " + payload if payload else b"") + b"\r\n"]
+        lines += await self.updates("THREAD", cmd.uid)
+        return lines + [r.tagged(cmd.tag, "OK", None, "THREAD completed")]
+
+    def close(self) -> None:
+        if self.sub is not None:
+            self.sub.close()
+            self.sub = None
+
+
+def decode_plain(data: bytes) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("invalid base64") from None
