@@ -15,33 +15,23 @@ Prints one summary line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-ANCHORS = ROOT.parent / "shared" / "anchors"
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from _common import ANCHORS, json_lines
 
-from helpers import NodeProcess, rookery  # noqa: E402
+from helpers import NodeProcess, rookery
 
 POSTFIX_PORT = 2526
 
 
 def load(target: str, concurrency: int, messages: int, rcpt: str) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, str(ANCHORS / "smtp_inbound_load.py"), target, "-c", str(concurrency), "-m", str(messages),
-         "-l", "10240", "-t", rcpt, "--client", "aiosmtplib"],
-        capture_output=True, text=True, timeout=900,
-    )
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"load generator failed: {out.stderr or out.stdout}")
-    result: dict[str, object] = json.loads(lines[-1])
-    return result
+    cmd = [sys.executable, str(ANCHORS / "smtp_inbound_load.py"), target, "-c", str(concurrency), "-m", str(messages),
+           "-l", "10240", "-t", rcpt, "--client", "aiosmtplib"]
+    return json_lines(cmd, timeout=900)[-1]
 
 
 def bench_rookery(concs: list[int], messages: int) -> dict[int, dict[str, object]]:
@@ -49,7 +39,7 @@ def bench_rookery(concs: list[int], messages: int) -> dict[int, dict[str, object
         data = Path(tmp) / "data"
         rookery("domain", "add", "example.com", data=data)
         rookery("account", "add", "alice@example.com", "--password", "bench", data=data)
-        node = NodeProcess(data, ("smtp",), "--set", "log.level=warning")
+        node = NodeProcess(data, ("smtp",))
         try:
             results = {}
             for c in concs:
