@@ -75,18 +75,6 @@ class Logout(Exception):
     """End the connection after the current response."""
 
 
-def _uses_modseq(key: c.SearchKey) -> bool:
-    if isinstance(key, c.ModSeqKey):
-        return True
-    if isinstance(key, c.And):
-        return any(_uses_modseq(k) for k in key.keys)
-    if isinstance(key, c.Or):
-        return _uses_modseq(key.left) or _uses_modseq(key.right)
-    if isinstance(key, c.Not):
-        return _uses_modseq(key.key)
-    return False
-
-
 def _pattern(pattern: str) -> re.Pattern[str]:
     """LIST wildcards: ``*`` any, ``%`` any but the delimiter (RFC 9051 §6.3.9)."""
     out = []
@@ -698,20 +686,20 @@ class ImapSession:
         source = _Source(self)
         found = await self._search(cmd.key, source)
         ids = [m.msg.uid if cmd.uid else m.seq for m in found]
-        modseq = max((m.msg.modseq for m in found), default=None) if _uses_modseq(cmd.key) else None
+        modseq = max((m.msg.modseq for m in found), default=None) if searching.uses_modseq(cmd.key) else None
         if modseq is not None:
             self.enabled.add("CONDSTORE")
         lines: list[bytes] = []
         opts = cmd.return_opts
         if opts is not None and "SAVE" in opts:
-            self.saved = [m.msg.uid for m in found]
-            opts = tuple(o for o in opts if o != "SAVE")
-            if not opts:
-                opts = None
-                lines += await self.updates("SEARCH", cmd.uid)
-                return lines + [r.tagged(cmd.tag, "OK", None, "SEARCH completed")]
+            # RFC 5182 §2.1: saved as UIDs, MIN/MAX only when those alone are asked.
+            uids_found = [m.msg.uid for m in found]
+            by_id = dict(zip(ids, uids_found))
+            self.saved = sorted(by_id[i] for i in searching.saved_result(ids, opts))
         if opts is not None or "IMAP4REV2" in self.enabled:
-            lines.append(searching.render_esearch(cmd.tag, cmd.uid, ids, opts or ("ALL",), modseq) + b"\r\n")
+            esearch = searching.render_esearch(cmd.tag, cmd.uid, ids, opts or ("ALL",), modseq)
+            if esearch:  # nothing at all for RETURN (SAVE) alone
+                lines.append(esearch + b"\r\n")
         else:
             lines.append(searching.render_search(ids, modseq) + b"\r\n")
         lines += await self.updates("SEARCH", cmd.uid)
