@@ -98,6 +98,22 @@ def _partial(data: bytes, item: FetchItem) -> bytes:
     return data[start : start + length]
 
 
+def _simple(msg: Message, name: str) -> bytes | None:
+    """Items answered from the message record alone, without awaiting: the
+    common ``UID FETCH 1:* (FLAGS)`` renders thousands of these."""
+    if name == "UID":
+        return b"UID %d" % msg.uid
+    if name == "FLAGS":
+        return b"FLAGS " + r.encode_flags(msg.flags)
+    if name == "INTERNALDATE":
+        return b"INTERNALDATE " + internal_date(msg.internal_date)
+    if name == "RFC822.SIZE":
+        return b"RFC822.SIZE %d" % msg.size
+    if name == "MODSEQ":
+        return b"MODSEQ (%d)" % msg.modseq
+    return None
+
+
 class Renderer:
     """Renders the FETCH items of one message."""
 
@@ -125,7 +141,8 @@ class Renderer:
             if item.name in ("UID", "FLAGS", "MODSEQ") and item.name in names:
                 continue
             names.add(item.name)
-            out.append(await self._item(msg, email, item))
+            simple = _simple(msg, item.name)
+            out.append(simple if simple is not None else await self._item(msg, email, item))
         if flags_changed and "FLAGS" not in names:
             out.append(b"FLAGS " + r.encode_flags(msg.flags))
         if with_modseq and "MODSEQ" not in names:
@@ -134,16 +151,6 @@ class Renderer:
 
     async def _item(self, msg: Message, email: Email | None, item: FetchItem) -> bytes:
         name = item.name
-        if name == "UID":
-            return b"UID %d" % msg.uid
-        if name == "FLAGS":
-            return b"FLAGS " + r.encode_flags(msg.flags)
-        if name == "INTERNALDATE":
-            return b"INTERNALDATE " + internal_date(msg.internal_date)
-        if name == "RFC822.SIZE":
-            return b"RFC822.SIZE %d" % msg.size
-        if name == "MODSEQ":
-            return b"MODSEQ (%d)" % msg.modseq
         if email is None or email.structure is None:
             raise FetchError("UNAVAILABLE", "message content is not available")
         structure = email.structure

@@ -101,7 +101,7 @@ class _Reads:
             rows = self._conn.execute(sql + " LIMIT ?", (begin, end, limit)).fetchall()
         else:
             rows = self._conn.execute(sql, (begin, end)).fetchall()
-        return [(bytes(k), bytes(v)) for k, v in rows]
+        return rows  # sqlite3 returns BLOBs as bytes already
 
 
 class _WriteTransaction(_Reads):
