@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import ssl
 import time
@@ -35,6 +36,14 @@ def split_hostport(value: str, what: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"[listen] {what} must be host:port, not {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def raise_fd_limit() -> None:
+    """Use the hard limit on open files: every client connection is a file."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Service(Protocol):
@@ -209,6 +218,7 @@ class Node:
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
+        raise_fd_limit()
         async with contextlib.AsyncExitStack() as stack:
             storage = open_storage(self.config)
             stack.push_async_callback(storage.close)

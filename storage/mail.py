@@ -632,6 +632,7 @@ class MailStore:
         self._hooks: list[ChangeHook] = []
         self._emails: OrderedDict[tuple[int, int], Email] = OrderedDict()
         self._snapshots: OrderedDict[tuple[int, int], Snapshot] = OrderedDict()
+        self._inflight: dict[tuple[int, int, int], asyncio.Future[MailboxChanges]] = {}
 
     def on_change(self, hook: ChangeHook) -> None:
         """Call ``hook(account, change_id, kinds)`` after every committed change."""
@@ -813,7 +814,21 @@ class MailStore:
         return snap
 
     async def changes(self, acct: int, mbox: int, since: int) -> MailboxChanges:
-        return await self.db.read(lambda tr: mailbox_changes(tr, acct, mbox, since))
+        """Changes in a mailbox after ``since``.
+
+        Identical requests in flight share one read: a delivery wakes every
+        IDLE session of a mailbox at once, and they all ask the same thing.
+        """
+        key = (acct, mbox, since)
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[MailboxChanges] = asyncio.ensure_future(
+            self.db.read(lambda tr: mailbox_changes(tr, acct, mbox, since))
+        )
+        self._inflight[key] = future
+        future.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(future)
 
     async def create_mailbox(self, acct: int, name: str, special_use: str | None = None) -> Mailbox:
         return await self.write(acct, lambda tr: create_mailbox(tr, acct, name, special_use), ("Mailbox",))  # type: ignore[return-value]

@@ -137,7 +137,7 @@ class ImapConnection:
     async def run(self) -> None:
         listener = self.listener
         session = ImapSession(listener.storage, listener.hub, listener.settings, self)
-        log.info("imap connect", extra={"peer": self.peer, "tls": self.tls})
+        log.debug("imap connect", extra={"peer": self.peer, "tls": self.tls})
         try:
             await self.write(session.greeting())
             while not self.closing:
@@ -189,7 +189,7 @@ class ImapConnection:
             session.close()
             with contextlib.suppress(Exception):
                 self.writer.close()
-            log.info("imap disconnect", extra={"peer": self.peer})
+            log.debug("imap disconnect", extra={"peer": self.peer})
 
     def shutdown(self) -> None:
         """Tell the client to go (drain) and close."""
