@@ -16,6 +16,7 @@ commit hooks (wake IDLE sessions, tell peers).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import struct
 import time
@@ -137,6 +138,9 @@ class Email:
     received: int
     thread_id: int
     structure: mime.Message | None = field(default=None, repr=False)
+    #: Protocol renderings of the immutable structure (e.g. IMAP ENVELOPE),
+    #: kept with the cached email so they are computed once.
+    rendered: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass(slots=True)
@@ -156,6 +160,35 @@ class Snapshot:
     mailbox: Mailbox
     messages: list[Message]
     highestmodseq: int
+    _keywords: frozenset[str] | None = None
+
+    @property
+    def keywords(self) -> frozenset[str]:
+        """Keywords in use in the mailbox (for the FLAGS response)."""
+        if self._keywords is None:
+            self._keywords = frozenset(f for m in self.messages for f in m.flags if not f.startswith("\\"))
+        return self._keywords
+
+    def apply(self, delta: MailboxChanges) -> Snapshot:
+        """A new snapshot with ``delta`` folded in (the old one is shared, never changed)."""
+        messages = list(self.messages)
+        uids = [m.uid for m in messages]
+        for uid in delta.expunged:
+            i = bisect.bisect_left(uids, uid)
+            if i < len(uids) and uids[i] == uid:
+                del uids[i]
+                del messages[i]
+        for m in delta.changed:
+            i = bisect.bisect_left(uids, m.uid)
+            if i < len(uids) and uids[i] == m.uid:
+                messages[i] = m
+            else:
+                uids.insert(i, m.uid)
+                messages.insert(i, m)
+        keywords = None
+        if self._keywords is not None and not delta.expunged:
+            keywords = self._keywords | {f for m in delta.changed for f in m.flags if not f.startswith("\\")}
+        return Snapshot(self.mailbox, messages, max(self.highestmodseq, delta.highestmodseq), keywords)
 
 
 @dataclass(slots=True)
@@ -696,6 +729,7 @@ class MailStore:
 
         deliveries: list[Delivery] = await self._transact_with_blob(prep, fn)  # type: ignore[assignment]
         for d in deliveries:
+            self._remember(d.account, Email(d.email_id, prep.digest, len(raw), when, 0, prep.parsed))
             self.changed(d.account, d.change_id, ("Email", "Thread", "Mailbox"))
         return deliveries
 
@@ -792,20 +826,14 @@ class MailStore:
             box = find_mailbox(tr, acct, name)
             cached = self._snapshots.get((acct, box.id))
             if cached is not None and cached.mailbox.uidvalidity == box.uidvalidity:
-                return Snapshot(box, cached.messages, cached.highestmodseq), mailbox_changes(
+                return Snapshot(box, cached.messages, cached.highestmodseq, cached._keywords), mailbox_changes(
                     tr, acct, box.id, cached.highestmodseq
                 )
             return snapshot(tr, acct, box.id), None
 
         snap, delta = await self.db.read(fn)
         if delta is not None and (delta.changed or delta.expunged):
-            by_uid = {m.uid: m for m in snap.messages}
-            for uid in delta.expunged:
-                by_uid.pop(uid, None)
-            for m in delta.changed:
-                by_uid[m.uid] = m
-            messages = sorted(by_uid.values(), key=lambda m: m.uid) if delta.changed else list(by_uid.values())
-            snap = Snapshot(snap.mailbox, messages, max(snap.highestmodseq, delta.highestmodseq))
+            snap = snap.apply(delta)
         key = (acct, snap.mailbox.id)
         self._snapshots[key] = snap
         self._snapshots.move_to_end(key)

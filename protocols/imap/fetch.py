@@ -155,7 +155,11 @@ class Renderer:
             raise FetchError("UNAVAILABLE", "message content is not available")
         structure = email.structure
         if name == "ENVELOPE":
-            return b"ENVELOPE " + r.render_envelope(structure.envelope, utf8=self.utf8)
+            key = "imap-envelope-utf8" if self.utf8 else "imap-envelope"
+            rendered = email.rendered.get(key)
+            if rendered is None:
+                rendered = email.rendered[key] = b"ENVELOPE " + r.render_envelope(structure.envelope, utf8=self.utf8)
+            return rendered
         if name == "BODYSTRUCTURE":
             return b"BODYSTRUCTURE " + r.render_bodystructure(structure.root, True, utf8=self.utf8)
         if name == "BODY" and item.section is None:

@@ -37,7 +37,7 @@ class Selected:
         self.pending_expunge: set[int] = set()
         #: (uid -> modseq) changes this session already reported itself.
         self.reported: dict[int, int] = {}
-        self.keywords: set[str] = {f for m in snap.messages for f in m.flags if not f.startswith("\\")}
+        self.keywords: set[str] = set(snap.keywords)
 
     # -- numbering ---------------------------------------------------------------
 
@@ -151,8 +151,14 @@ class Selected:
                 seq = self.seq_of(uid)
                 if seq is not None:
                     lines.append(r.untagged(seq, b"EXPUNGE"))
-        gone_set = set(gone)
-        self.uids = [u for u in self.uids if u not in gone_set]
+        if len(gone) < 64:
+            for uid in gone:
+                i = bisect.bisect_left(self.uids, uid)
+                if i < len(self.uids) and self.uids[i] == uid:
+                    del self.uids[i]
+        else:
+            gone_set = set(gone)
+            self.uids = [u for u in self.uids if u not in gone_set]
         for uid in gone:
             self.msgs.pop(uid, None)
             self.reported.pop(uid, None)
