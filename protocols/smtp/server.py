@@ -14,7 +14,7 @@ import re
 import ssl
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from .session import InboundHandler, SmtpLimits
 
@@ -88,6 +88,71 @@ class RookerySMTP(SMTP):
             await super().smtp_HELO(hostname)
         finally:
             self._plain_replies = False
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA, read in large pieces rather than aiosmtpd's line at a time.
+
+        Same replies and checks as aiosmtpd's; the end is a line holding a
+        single dot (RFC 5321 §4.1.1.4), leading dots are removed (§4.5.2), and
+        a message over the size limit is read to its end and refused with
+        552 (§4.5.3.1.10) without being kept in memory.
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        limit = self.data_size_limit or 0
+        reader = self._reader
+        # The stream's limit is the command-line limit; a piece of DATA runs to
+        # the next ".\r\n", which may be much further away.
+        saved_limit = reader._limit  # type: ignore[attr-defined]
+        reader._limit = max(limit, 1 << 20) + 4096  # type: ignore[attr-defined]
+        parts: list[bytes] = []
+        size = 0
+        too_big = False
+        try:
+            while True:
+                try:
+                    piece = await reader.readuntil(b".\r\n")
+                except asyncio.LimitOverrunError as exc:
+                    piece = await reader.readexactly(exc.consumed)
+                    too_big = True
+                    parts.clear()
+                    continue
+                # ".\r\n" ends the data only at the start of a line; every piece
+                # ends a line, so a piece that is only ".\r\n" is one too.
+                final = piece == b".\r\n" or piece.endswith(b"\r\n.\r\n")
+                size += len(piece)
+                if limit and size > limit + 3:
+                    too_big = True
+                    parts.clear()
+                elif not too_big:
+                    parts.append(piece)
+                if final:
+                    break
+        finally:
+            reader._limit = saved_limit  # type: ignore[attr-defined]
+        if too_big:
+            self._set_post_data_state()
+            await self.push("552 Error: Too much mail data")
+            return
+        data = b"".join(parts)[:-3]
+        # Undo dot-stuffing: a leading dot of any line is removed (§4.5.2).
+        data = data.replace(b"\r\n.", b"\r\n")
+        if data.startswith(b"."):
+            data = data[1:]
+        self.envelope.content = data
+        self.envelope.original_content = data
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
     @property
     def idle(self) -> bool:
