@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from . import mail
 from .directory import Account, Directory
-from .kv import Database, open_database
+from .kv import Database, ReadTransaction, open_database
 from .mail import MailStore
 
 
@@ -43,6 +43,21 @@ class Storage:
             on_account_created=lambda tr, account: mail.create_default_mailboxes(tr, account.id),
         )
         return cls(db, directory, MailStore(db))
+
+    async def accept_recipient(self, address: str, size: int = 0) -> int:
+        """The account that takes mail for ``address``, checked for room for
+        ``size`` more bytes, in one read (SMTP RCPT). Raises the directory's
+        errors or the temporary over-quota error."""
+        from .directory import normalize_address, resolve_address
+
+        normalized = normalize_address(address)
+
+        def fn(tr: ReadTransaction) -> int:
+            acct = resolve_address(tr, normalized)
+            mail.check_quota(tr, acct, size, temporary=True)
+            return acct
+
+        return await self.db.read(fn)
 
     async def remove_account(self, email: str) -> None:
         await self.directory.remove_account(email, on_remove=mail.remove_account_data)

@@ -45,8 +45,38 @@ import fdb.tuple as fdbtuple
 
 from .kv.base import VERSIONSTAMP_SIZE, range_of
 
-pack = fdbtuple.pack
 unpack = fdbtuple.unpack
+
+_INT_ZERO = 0x14
+_NUL_ESCAPED = b"\x00\xff"
+
+
+def _encode(value: object) -> bytes | None:
+    if type(value) is str:
+        return b"\x02" + value.encode("utf-8").replace(b"\x00", _NUL_ESCAPED) + b"\x00"
+    if type(value) is int:
+        if value == 0:
+            return b"\x14"
+        if 0 < value < 1 << 64:
+            n = (value.bit_length() + 7) // 8
+            return bytes([_INT_ZERO + n]) + value.to_bytes(n, "big")
+        return None
+    if type(value) is bytes:
+        return b"\x01" + value.replace(b"\x00", _NUL_ESCAPED) + b"\x00"
+    return None
+
+
+def pack(items: tuple[object, ...]) -> bytes:
+    """``fdb.tuple.pack``, byte for byte, faster for the str, bytes and
+    non-negative int elements every key here is made of (the binding's pure
+    Python packer costs several µs per key; a delivery packs dozens)."""
+    out = []
+    for item in items:
+        encoded = _encode(item)
+        if encoded is None:
+            return bytes(fdbtuple.pack(items))
+        out.append(encoded)
+    return b"".join(out)
 
 #: Type code of a 96-bit versionstamp in the tuple encoding.
 _VERSIONSTAMP_CODE = 0x33

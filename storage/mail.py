@@ -635,7 +635,7 @@ def get_email(tr: ReadTransaction, acct: int, email_id: int, with_structure: boo
     return email
 
 
-def _check_quota(tr: ReadTransaction, acct: int, size: int, temporary: bool) -> None:
+def check_quota(tr: ReadTransaction, acct: int, size: int, temporary: bool) -> None:
     account = get_account(tr, acct)
     if account is None:
         raise UnknownUser("account no longer exists")
@@ -719,7 +719,7 @@ class MailStore:
             self._put_blob(tr, prep)
             out = []
             for acct in unique:
-                _check_quota(tr, acct, len(raw), temporary=True)
+                check_quota(tr, acct, len(raw), temporary=True)
                 box = find_mailbox(tr, acct, "INBOX")
                 email_id = _store_email(tr, acct, prep.digest, len(raw), when, prep.parsed, prep.structure)
                 change_id = record_change(tr, acct, ["Email", "Thread", "Mailbox"], [box.id])
@@ -760,7 +760,7 @@ class MailStore:
             box = get_mailbox(tr, acct, mailbox) if isinstance(mailbox, int) else find_mailbox(tr, acct, mailbox)
             if box is None:
                 raise MailboxNotFound("mailbox does not exist")
-            _check_quota(tr, acct, sum(len(p.raw) for p in preps), temporary=False)
+            check_quota(tr, acct, sum(len(p.raw) for p in preps), temporary=False)
             change_id = record_change(tr, acct, ["Email", "Thread", "Mailbox"], [box.id])
             uids = []
             for prep, flags, (_, _, date) in zip(preps, checked, items):
@@ -926,7 +926,7 @@ class MailStore:
     async def check_quota(self, acct: int, size: int) -> None:
         """Raise the temporary over-quota error if ``size`` more bytes do not fit
         (SMTP RCPT answers 452 early; DATA checks again in its transaction)."""
-        await self.db.read(lambda tr: _check_quota(tr, acct, size, temporary=True))
+        await self.db.read(lambda tr: check_quota(tr, acct, size, temporary=True))
 
     async def read_blob(self, digest: bytes, start: int = 0, length: int | None = None) -> bytes:
         return await blobs.read(self.db, digest, start, length)

@@ -90,8 +90,7 @@ class InboundHandler:
         except InvalidInput:
             return BAD_RECIPIENT
         try:
-            acct = await self.storage.directory.resolve(normalized)
-            await self.storage.mail.check_quota(acct, 0)
+            acct = await self.storage.accept_recipient(normalized)
         except RookeryError as exc:
             log.info("rcpt refused %s: %s", normalized, exc.text, extra={"peer": peer_text(session)})
             return exc.smtp
