@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import getpass
 import logging
 import sys
@@ -234,7 +235,7 @@ def cmd_account_list(args: argparse.Namespace, cfg: configmod.Config) -> int:
         from storage.mail import quota_usage
 
         for account in await s.directory.list_accounts(args.domain):
-            used, count = await s.db.read(lambda tr, a=account.id: quota_usage(tr, a))
+            used, count = await s.db.read(functools.partial(quota_usage, acct=account.id))
             quota = "unlimited" if not account.quota else f"{account.quota}"
             print(f"{account.email}\tmessages={count}\tused={used}\tquota={quota}")
 

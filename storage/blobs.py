@@ -16,6 +16,7 @@ never taken while its writer is still working.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import time
@@ -128,8 +129,12 @@ async def stream(db: Database, digest: bytes, start: int, end: int) -> AsyncIter
     pos = start
     while pos < end:
         n = min(step, end - pos)
-        yield await db.read(lambda tr, pos=pos, n=n: read_range(tr, digest, pos, n))
+        yield await db.read(functools.partial(_read_piece, digest=digest, start=pos, length=n))
         pos += n
+
+
+def _read_piece(tr: ReadTransaction, *, digest: bytes, start: int, length: int) -> bytes:
+    return read_range(tr, digest, start, length)
 
 
 def purge_orphans(tr: Transaction, now: float, limit: int = 100) -> int:

@@ -71,7 +71,7 @@ class RookerySMTP(SMTP):
         # on every call; plain paths take this short road, the rest its road.
         m = _PLAIN_PATH.match(arg) if arg else None
         if m is None:
-            return super()._getaddr(arg)  # type: ignore[no-any-return]
+            return super()._getaddr(arg)
         address = m.group(1)
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None
@@ -154,7 +154,7 @@ class RookerySMTP(SMTP):
         finally:
             reader._limit = saved_limit  # type: ignore[attr-defined]
         if too_big:
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push("552 Error: Too much mail data")
             return
         data = b"".join(parts)[:-3]
@@ -165,7 +165,7 @@ class RookerySMTP(SMTP):
         self.envelope.content = data
         self.envelope.original_content = data
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 
     @property
