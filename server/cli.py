@@ -104,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("alias")
     p.set_defaults(handler=cmd_alias_remove)
 
+    cluster = sub.add_parser("cluster", help="the nodes sharing this store").add_subparsers(dest="action", required=True)
+    p = cluster.add_parser("status", parents=[common], help="node id, address, state, uptime, connections, heartbeat")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    p.set_defaults(handler=cmd_cluster_status)
+
+    node = sub.add_parser("node", help="one node of the cluster").add_subparsers(dest="action", required=True)
+    p = node.add_parser("drain", parents=[common], help="ask a node (id, id prefix or address) to drain and leave")
+    p.add_argument("node", nargs="?", help="default: the node of this config's cluster address, or the only live one")
+    p.set_defaults(handler=cmd_node_drain)
+
     mail = sub.add_parser("mail", help="inspect stored mail").add_subparsers(dest="action", required=True)
     p = mail.add_parser("list", parents=[common], help="list messages: UID, flags, size, date, subject")
     p.add_argument("email")
@@ -276,6 +286,35 @@ def cmd_alias_remove(args: argparse.Namespace, cfg: configmod.Config) -> int:
         else:
             await s.directory.remove_alias(args.alias)
         print(f"removed alias {args.alias}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_cluster_status(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from storage.nodes import Nodes
+
+    from .cluster.status import format_status, status_json
+
+    async def fn(s: Storage) -> None:
+        records = await Nodes(s.db).list()
+        print(status_json(records) if args.json else format_status(records), end="" if args.json else "\n")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_node_drain(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from storage.nodes import Nodes
+
+    from .cluster.status import drain_node
+
+    async def fn(s: Storage) -> int:
+        try:
+            record = await drain_node(Nodes(s.db), args.node, cfg.cluster.advertise or cfg.listen.cluster or None)
+        except LookupError as exc:
+            print(f"rookery: {exc}", file=sys.stderr)
+            return 1
+        print(f"drain requested for node {record.id} ({record.address or 'no address'})")
+        return 0
 
     return asyncio.run(_with_storage(cfg, fn))
 

@@ -9,6 +9,7 @@ Precedence: defaults < TOML file < environment < ``--set section.key=value``.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tomllib
@@ -106,6 +107,12 @@ SCHEMA: tuple[Option, ...] = (
     Option("imap", "max_bad_commands", _int, 20, "Invalid commands in a row before BYE."),
     Option("imap", "max_connections", _int, 20000, "Concurrent IMAP connections per listener."),
     Option("imap", "max_literal", _size, 1024 * 1024, "Largest literal outside APPEND (APPEND takes up to smtp.max_message_size)."),
+    Option("cluster", "peers", _list, (), "Peer channel addresses host:port of other nodes (ROOKERY_CLUSTER_PEERS: comma-separated)."),
+    Option("cluster", "dns", _str, "", "A DNS name resolving to every node (e.g. a Kubernetes headless service)."),
+    Option("cluster", "secret", _str, "", "Shared secret authenticating peer messages (HMAC); required with [listen] cluster."),
+    Option("cluster", "advertise", _str, "", "host:port other nodes use to reach this one (default: the cluster listener)."),
+    Option("cluster", "heartbeat", _float, 1.0, "Seconds between heartbeats on the peer channel and lease renewals."),
+    Option("cluster", "timeout", _float, 5.0, "Seconds without a heartbeat before a peer counts as gone; node lease lifetime."),
     Option("security", "allow_plaintext_auth", _bool, False, "Allow AUTH/LOGIN without TLS from non-loopback peers."),
     Option("security", "failed_login_delay", _float, 1.0, "Seconds to wait before answering a failed login."),
     Option("security", "max_failed_logins", _int, 10, "Failed logins per client IP per 5 minutes before refusing."),
@@ -230,7 +237,14 @@ def describe() -> str:
             section = opt.section
             lines.append(f"\n[{section}]")
         default = opt.default
-        rendered = f'"{default}"' if isinstance(default, str) else str(default).lower() if isinstance(default, bool) else repr(default)
+        if isinstance(default, str):
+            rendered = json.dumps(default)
+        elif isinstance(default, bool):
+            rendered = str(default).lower()
+        elif isinstance(default, (tuple, list)):
+            rendered = "[" + ", ".join(json.dumps(str(v)) for v in default) + "]"
+        else:
+            rendered = repr(default)
         lines.append(f"# {opt.help}  (env {opt.env})")
         lines.append(f"{opt.key} = {rendered}")
     return "\n".join(lines).lstrip() + "\n"

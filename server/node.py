@@ -23,12 +23,17 @@ from typing import Protocol
 from protocols.push import PushHub
 from storage import Storage
 
+from storage.nodes import Nodes
+
+from .cluster import ClusterService, LeaseWorker, PeerChannel
 from .config import Config
 from .tls import ensure_self_signed, server_context
 
 log = logging.getLogger("rookery.node")
 
 PURGE_INTERVAL = 600.0
+REAP_INTERVAL = 600.0
+VERSION = "0.1.0"
 
 
 def split_hostport(value: str, what: str) -> tuple[str, int]:
@@ -123,6 +128,9 @@ class SmtpService:
     async def drain(self, deadline: float) -> None:
         await self.listener.drain(deadline)
 
+    def connections(self) -> int:
+        return len(self.listener.registry)
+
 
 class ImapService:
     def __init__(self, state: ServerState, address: str, name: str) -> None:
@@ -155,38 +163,8 @@ class ImapService:
     async def drain(self, deadline: float) -> None:
         await self.listener.drain(deadline)
 
-
-class PurgeWorker:
-    """Deletes unreferenced blobs past their grace period, now and then."""
-
-    name = "purge"
-
-    def __init__(self, state: ServerState, interval: float = PURGE_INTERVAL) -> None:
-        self.state = state
-        self.interval = interval
-        self.task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name="purge")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                n = await self.state.storage.mail.purge()
-                if n:
-                    log.info("purged orphaned blobs", extra={"count": n})
-            except Exception:
-                log.exception("blob purge failed")
-
-    def stop_accepting(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-
-    async def drain(self, deadline: float) -> None:
-        if self.task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+    def connections(self) -> int:
+        return len(self.listener.connections)
 
 
 class Node:
@@ -197,6 +175,7 @@ class Node:
         self.stopping = asyncio.Event()
         self.state: ServerState | None = None
         self.services: list[Service] = []
+        self.cluster: ClusterService
 
     def build_services(self, state: ServerState) -> list[Service]:
         from .http import HttpService
@@ -210,7 +189,6 @@ class Node:
                 services.append(ImapService(state, getattr(listen, name), name))
         if listen.http:
             services.append(HttpService(state, listen.http))
-        services.append(PurgeWorker(state))
         return services
 
     def request_stop(self) -> None:
@@ -227,6 +205,7 @@ class Node:
             state.hub.poll_interval = self.config.imap.poll_interval
             storage.mail.on_change(state.hub.publish)
             self.services = self.build_services(state)
+            self.cluster = await self.start_cluster(state, stack)
             for service in self.services:
                 await service.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -234,6 +213,7 @@ class Node:
                     loop.add_signal_handler(sig, self.request_stop)
                     stack.callback(loop.remove_signal_handler, sig)
             state.phase = "ready"
+            await self.cluster.set_state("ready")
             log.info(
                 "node ready",
                 extra={"node": state.node_id, "ports": ",".join(f"{k}={v}" for k, v in state.ports.items())},
@@ -243,8 +223,51 @@ class Node:
             await self.stopping.wait()
             await self.shutdown(state)
 
+    async def start_cluster(self, state: ServerState, stack: contextlib.AsyncExitStack) -> ClusterService:
+        """The node's store record, the peer channel and one-at-a-time work.
+
+        The cluster service stops after the other services have drained (the
+        exit stack unwinds after :meth:`shutdown`), so peers keep hearing
+        about changes until the very end.
+        """
+        cfg = self.config
+        nodes = Nodes(state.storage.db)
+        channel = None
+        if cfg.listen.cluster:
+            if not cfg.cluster.secret:
+                raise ValueError("[cluster] secret is required when [listen] cluster is set")
+            channel = PeerChannel(
+                state.node_id,
+                cfg.cluster.secret.encode(),
+                split_hostport(cfg.listen.cluster, "cluster"),
+                list(cfg.cluster.peers),
+                cfg.cluster.dns or None,
+                cfg.cluster.heartbeat,
+                cfg.cluster.timeout,
+                None,
+                advertise=cfg.cluster.advertise or None,
+                hostname=cfg.hostname,
+            )
+        cluster = ClusterService(
+            nodes, state.node_id, channel=channel, hub=state.hub, version=VERSION,
+            heartbeat=cfg.cluster.heartbeat, timeout=cfg.cluster.timeout, started=state.started,
+            load=lambda: (self.open_connections(), 0), on_drain=self.request_stop,
+        )
+        await cluster.start()
+        stack.push_async_callback(cluster.stop)
+        state.storage.mail.on_change(cluster.local_change)
+        if channel is not None:
+            state.ports["cluster"] = channel.port or 0
+        self.services.append(LeaseWorker(nodes, "purge", state.node_id, state.storage.mail.purge, PURGE_INTERVAL))
+        self.services.append(LeaseWorker(nodes, "reap-nodes", state.node_id, nodes.reap, REAP_INTERVAL))
+        return cluster
+
+    def open_connections(self) -> int:
+        return sum(s.connections() for s in self.services if hasattr(s, "connections"))
+
     async def shutdown(self, state: ServerState) -> None:
         state.phase = "draining"
+        await self.cluster.set_state("draining")
         log.info("node draining", extra={"node": state.node_id})
         deadline = self.config.server.shutdown_timeout
         # The HTTP listener goes last, so probes see "not ready" while the

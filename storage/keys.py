@@ -274,3 +274,103 @@ def changes_since(acct: int, change_id: int) -> tuple[bytes, bytes]:
 
 def change_log(acct: int) -> tuple[bytes, bytes]:
     return prefix_range(("c", acct))
+
+
+# -- nodes and cluster state (storage.nodes) --------------------------------
+# ``("n", "node", node_id)``   node lease record (JSON): address, state, heartbeat
+# ``("n", "lease", name)``     singleton / shard lease (JSON): owner, expires
+
+def node(node_id: str) -> bytes:
+    return pack(("n", "node", node_id))
+
+
+NODES = prefix_range(("n", "node"))
+
+
+def lease(name: str) -> bytes:
+    return pack(("n", "lease", name))
+
+
+LEASES = prefix_range(("n", "lease"))
+
+
+# -- outbound queue (storage.queue) -----------------------------------------
+# ``("q", "msg", qid)``            message record (JSON): sender, blob, times, attempts
+# ``("q", "rcpt", qid, i)``        recipient ``i`` of a message (JSON): address, status, reply
+# ``("q", "due", ms, qid)``        due-time index (ms since the epoch): next attempt, or lease expiry
+# ``("q", "lease", qid)``          delivery lease (JSON): owner token, expiry
+# ``("q", "pause", domain)``       paused destination domain (``"*"``: the whole queue)
+# ``("q", "slot", rule, n)``       throttle connection slot ``n`` (JSON): owner, expiry
+# ``("q", "hour", rule, window)``  throttle: messages sent in one hour window (counter)
+# ``("q", "backoff", dest)``       adaptive backoff of a destination after 4xx (JSON)
+# ``("q", "rate", acct, window)``  submission rate: messages of an account in one hour (counter)
+# ``("q", "dkim", domain)``        DKIM signing key of a domain (JSON): selector, PEM
+
+def queue_message(qid: int) -> bytes:
+    return pack(("q", "msg", qid))
+
+
+QUEUE_MESSAGES = prefix_range(("q", "msg"))
+
+
+def queue_recipient(qid: int, index: int) -> bytes:
+    return pack(("q", "rcpt", qid, index))
+
+
+def queue_recipients(qid: int) -> tuple[bytes, bytes]:
+    return prefix_range(("q", "rcpt", qid))
+
+
+def queue_due(when_ms: int, qid: int) -> bytes:
+    return pack(("q", "due", when_ms, qid))
+
+
+QUEUE_DUE = prefix_range(("q", "due"))
+
+
+def queue_due_until(when_ms: int) -> tuple[bytes, bytes]:
+    """Due-index entries with a time ``<= when_ms``."""
+    return pack(("q", "due")) + b"\x00", pack(("q", "due", when_ms + 1))
+
+
+def queue_lease(qid: int) -> bytes:
+    return pack(("q", "lease", qid))
+
+
+def queue_pause(domain_name: str) -> bytes:
+    return pack(("q", "pause", domain_name))
+
+
+QUEUE_PAUSES = prefix_range(("q", "pause"))
+
+
+def queue_slot(rule: str, n: int) -> bytes:
+    return pack(("q", "slot", rule, n))
+
+
+def queue_slots(rule: str) -> tuple[bytes, bytes]:
+    return prefix_range(("q", "slot", rule))
+
+
+def queue_hour(rule: str, window: int) -> bytes:
+    return pack(("q", "hour", rule, window))
+
+
+def queue_hours_before(rule: str, window: int) -> tuple[bytes, bytes]:
+    return pack(("q", "hour", rule)) + b"\x00", pack(("q", "hour", rule, window))
+
+
+def queue_backoff(dest: str) -> bytes:
+    return pack(("q", "backoff", dest))
+
+
+def queue_rate(acct: int, window: int) -> bytes:
+    return pack(("q", "rate", acct, window))
+
+
+def queue_rates_before(acct: int, window: int) -> tuple[bytes, bytes]:
+    return pack(("q", "rate", acct)) + b"\x00", pack(("q", "rate", acct, window))
+
+
+def dkim_key(domain_name: str) -> bytes:
+    return pack(("q", "dkim", domain_name))

@@ -161,6 +161,23 @@ class Snapshot:
     messages: list[Message]
     highestmodseq: int
     _keywords: frozenset[str] | None = None
+    _uids: list[int] | None = None
+    _by_uid: dict[int, Message] | None = None
+
+    # The UID list and UID -> message map are built once per snapshot and
+    # shared by every session that selects it; sessions copy them before
+    # changing anything (see protocols/imap/selected.py).
+    @property
+    def uids(self) -> list[int]:
+        if self._uids is None:
+            self._uids = [m.uid for m in self.messages]
+        return self._uids
+
+    @property
+    def by_uid(self) -> dict[int, Message]:
+        if self._by_uid is None:
+            self._by_uid = {m.uid: m for m in self.messages}
+        return self._by_uid
 
     @property
     def keywords(self) -> frozenset[str]:
@@ -826,14 +843,20 @@ class MailStore:
             box = find_mailbox(tr, acct, name)
             cached = self._snapshots.get((acct, box.id))
             if cached is not None and cached.mailbox.uidvalidity == box.uidvalidity:
-                return Snapshot(box, cached.messages, cached.highestmodseq, cached._keywords), mailbox_changes(
+                # The messages come from the cache; the mailbox record (UIDNEXT)
+                # is always the one just read.
+                fresh = Snapshot(box, cached.messages, cached.highestmodseq, cached._keywords, cached._uids, cached._by_uid)
+                return fresh, mailbox_changes(
                     tr, acct, box.id, cached.highestmodseq
                 )
             return snapshot(tr, acct, box.id), None
 
         snap, delta = await self.db.read(fn)
-        if delta is not None and (delta.changed or delta.expunged):
-            snap = snap.apply(delta)
+        if delta is not None:
+            if delta.changed or delta.expunged:
+                snap = snap.apply(delta)
+            elif snap.highestmodseq < delta.highestmodseq:
+                snap = Snapshot(snap.mailbox, snap.messages, delta.highestmodseq, snap._keywords, snap._uids, snap._by_uid)
         key = (acct, snap.mailbox.id)
         self._snapshots[key] = snap
         self._snapshots.move_to_end(key)

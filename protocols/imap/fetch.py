@@ -114,6 +114,37 @@ def _simple(msg: Message, name: str) -> bytes | None:
     return None
 
 
+SIMPLE_ITEMS = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"})
+
+
+def render_record(
+    seq: int,
+    msg: Message,
+    items: Sequence[FetchItem],
+    *,
+    with_uid: bool,
+    with_modseq: bool,
+    flags_changed: bool = False,
+) -> bytes:
+    """One FETCH response from the message record alone (all items in
+    :data:`SIMPLE_ITEMS`), with no await per message."""
+    out: list[bytes] = []
+    names: set[str] = set()
+    if with_uid:
+        out.append(b"UID %d" % msg.uid)
+        names.add("UID")
+    for item in items:
+        if item.name in names:
+            continue
+        names.add(item.name)
+        out.append(_simple(msg, item.name) or b"")
+    if flags_changed and "FLAGS" not in names:
+        out.append(b"FLAGS " + r.encode_flags(msg.flags))
+    if with_modseq and "MODSEQ" not in names:
+        out.append(b"MODSEQ (%d)" % msg.modseq)
+    return b"* %d FETCH (" % seq + b" ".join(out) + b")\r\n"
+
+
 class Renderer:
     """Renders the FETCH items of one message."""
 
@@ -132,6 +163,8 @@ class Renderer:
         with_modseq: bool,
         flags_changed: bool = False,
     ) -> bytes:
+        if all(i.name in SIMPLE_ITEMS for i in items):
+            return render_record(seq, msg, items, with_uid=with_uid, with_modseq=with_modseq, flags_changed=flags_changed)
         out: list[bytes] = []
         names: set[str] = set()
         if with_uid:

@@ -30,14 +30,23 @@ class Selected:
     def __init__(self, snap: Snapshot, readonly: bool) -> None:
         self.mailbox: Mailbox = snap.mailbox
         self.readonly = readonly
-        self.uids: list[int] = [m.uid for m in snap.messages]
-        self.msgs: dict[int, Message] = {m.uid: m for m in snap.messages}
+        # Shared with the node's snapshot cache until this session changes
+        # them (copy on write): SELECT of a big mailbox copies nothing.
+        self.uids: list[int] = snap.uids
+        self.msgs: dict[int, Message] = snap.by_uid
+        self._shared = True
         self.modseq = snap.highestmodseq
         self.max_uid = max(snap.mailbox.uidnext - 1, self.uids[-1] if self.uids else 0)
         self.pending_expunge: set[int] = set()
         #: (uid -> modseq) changes this session already reported itself.
         self.reported: dict[int, int] = {}
         self.keywords: set[str] = set(snap.keywords)
+
+    def _own(self) -> None:
+        if self._shared:
+            self.uids = list(self.uids)
+            self.msgs = dict(self.msgs)
+            self._shared = False
 
     # -- numbering ---------------------------------------------------------------
 
@@ -85,6 +94,7 @@ class Selected:
 
     def note_own(self, messages: Iterable[Message]) -> None:
         """Record changes this session made and reported itself."""
+        self._own()
         for m in messages:
             if m.uid in self.msgs:
                 self.msgs[m.uid] = m
@@ -95,6 +105,8 @@ class Selected:
         new messages (not yet numbered: :meth:`add_new` does that)."""
         if not changes.exists:
             raise MailboxGone("mailbox was deleted")
+        if changes.changed or changes.expunged:
+            self._own()
         lines: list[bytes] = []
         new: list[Message] = []
         keywords_before = len(self.keywords)
@@ -130,6 +142,7 @@ class Selected:
     def add_new(self, new: list[Message]) -> list[bytes]:
         if not new:
             return []
+        self._own()
         for m in sorted(new, key=lambda m: m.uid):
             if m.uid > self.max_uid:
                 self.uids.append(m.uid)
@@ -141,6 +154,7 @@ class Selected:
         """Tell the client about expunged messages and renumber."""
         if not self.pending_expunge:
             return []
+        self._own()
         gone = sorted(self.pending_expunge)
         lines: list[bytes] = []
         if vanished:

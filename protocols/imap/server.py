@@ -23,7 +23,7 @@ from ..push import PushHub
 from . import commands as c
 from . import response as r
 from .parse import ParseError, UnsupportedCharset, literal_at_end, parse_command, parse_tag
-from .session import ImapSession, ImapSettings, Logout
+from .session import ImapSession, ImapSettings, LineTooLong, Logout
 
 log = logging.getLogger("rookery.imap")
 
@@ -31,10 +31,6 @@ BYE_SHUTDOWN = r.untagged_status("BYE", b"UNAVAILABLE", "Server shutting down, p
 BYE_TIMEOUT = r.untagged_status("BYE", None, "Autologout; idle for too long")
 BYE_BAD = r.untagged_status("BYE", None, "Too many invalid commands")
 BYE_BUSY = r.untagged_status("BYE", b"UNAVAILABLE", "Too many connections, try again later")
-
-
-class _LineTooLong(Exception):
-    pass
 
 
 @dataclass(slots=True)
@@ -72,14 +68,29 @@ class ImapConnection:
 
     async def read_line(self, timeout: float) -> bytes | None:
         try:
-            return await asyncio.wait_for(self.reader.readuntil(b"\n"), timeout)
-        except asyncio.LimitOverrunError:
-            raise _LineTooLong() from None
+            return await asyncio.wait_for(self._read_line(), timeout)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             return None
 
+    async def _read_line(self) -> bytes:
+        try:
+            return await self.reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            # Skipped here, under the caller's timeout, so that every reader
+            # (command, AUTHENTICATE response, IDLE's DONE) finds the next line.
+            await self._discard_line()
+            raise LineTooLong() from None
+
     async def start_tls(self) -> None:
         assert self.listener.tls_context is not None
+        # RFC 9051 §6.2.1: plaintext the client pipelined after STARTTLS is
+        # dropped, never read as if it had come over TLS (the STARTTLS
+        # command injection of CVE-2011-0411). Reading stops first so that
+        # nothing lands between the drop and the switch.
+        transport = self.writer.transport
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.pause_reading()
+        self.reader._buffer.clear()  # type: ignore[attr-defined]  # no public way to drop it
         await self.writer.start_tls(self.listener.tls_context)
         self.tls = True
 
@@ -96,8 +107,7 @@ class ImapConnection:
         settings = session.settings
         try:
             line = await self.read_line(session.timeout)
-        except _LineTooLong:
-            await self._discard_line()
+        except LineTooLong:
             return _Skip(r.untagged_status("BAD", b"TOOBIG", "Command line too long"), False)
         if line is None:
             return None
@@ -126,12 +136,15 @@ class ImapConnection:
             parts.append(data)
             try:
                 line = await self.read_line(session.timeout)
-            except _LineTooLong:
-                await self._discard_line()
+            except LineTooLong:
                 return _Skip(r.untagged_status("BAD", b"TOOBIG", "Command line too long"), False)
             if line is None:
                 return None
             parts.append(line)
+            # The lines between literals count too: without this, endless
+            # empty literals each followed by a long line would grow one
+            # command without bound.
+            total += len(line)
         return b"".join(parts)
 
     async def run(self) -> None:

@@ -28,7 +28,7 @@ from ..push import PushHub, Subscription
 from . import commands as c
 from . import response as r
 from . import search as searching
-from .fetch import FetchError, Renderer, needs_email, sets_seen
+from .fetch import SIMPLE_ITEMS, FetchError, Renderer, needs_email, render_record, sets_seen
 from .parse import ParseError, decode_mutf7, encode_mutf7, parse_authenticate_response
 from .selected import InvalidSequence, MailboxGone, Selected
 
@@ -66,13 +66,23 @@ class Connection(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
-    async def read_line(self, timeout: float) -> bytes | None: ...
+    async def read_line(self, timeout: float) -> bytes | None:
+        """One line with its CRLF; None when the client is gone or silent for
+        ``timeout`` seconds. Raises :class:`LineTooLong` (the line is skipped)."""
+        ...
 
     async def start_tls(self) -> None: ...
 
 
 class Logout(Exception):
     """End the connection after the current response."""
+
+
+class LineTooLong(Exception):
+    """A client line over the limit; the connection has skipped it."""
+
+
+TOOBIG_LINE = "Line too long"
 
 
 def _pattern(pattern: str) -> re.Pattern[str]:
@@ -211,6 +221,12 @@ class ImapSession:
             lines = [r.tagged(tag, "BAD", None, str(exc))]
         except FetchError as exc:
             lines = [r.tagged(tag, "NO", exc.code.encode(), exc.text)]
+        except MailboxNotFound as exc:
+            # RFC 9051 §7.1: TRYCREATE only where creating the mailbox would
+            # help (the target of APPEND/COPY/MOVE); elsewhere NONEXISTENT
+            # (RFC 5530 §3).
+            missing = b"TRYCREATE" if cmd.name in ("APPEND", "COPY", "MOVE") else b"NONEXISTENT"
+            lines = [r.tagged(tag, "NO", missing, exc.text)]
         except RookeryError as exc:
             status, code = exc.imap
             lines = [r.tagged(tag, status, code.encode() if code else None, exc.text)]
@@ -303,7 +319,10 @@ class ImapSession:
         data = cmd.initial_response
         if data is None:
             await self.conn.write(r.continuation())
-            line = await self.conn.read_line(self.timeout)
+            try:
+                line = await self.conn.read_line(self.timeout)
+            except LineTooLong:
+                return [r.tagged(cmd.tag, "BAD", b"TOOBIG", TOOBIG_LINE)]
             if line is None:
                 raise Logout()
             try:
@@ -360,7 +379,10 @@ class ImapSession:
                 lines.append(r.untagged_status("OK", b"UNSEEN %d" % unseen, "First unseen"))
         lines.append(r.untagged_status("OK", b"UIDVALIDITY %d" % box.uidvalidity, "UIDs valid"))
         lines.append(r.untagged_status("OK", b"UIDNEXT %d" % box.uidnext, "Predicted next UID"))
-        lines.append(r.untagged_status("OK", r.code_highestmodseq(sel.modseq), "Highest"))
+        # RFC 7162 §7: the code's mod-sequence-value is at least 1; 0 (a
+        # mailbox nothing was ever stored in) is reported as 1, below any
+        # MODSEQ a message can get (account set-up already used change 1).
+        lines.append(r.untagged_status("OK", r.code_highestmodseq(max(1, sel.modseq)), "Highest"))
         if cmd.qresync is not None and cmd.qresync.uidvalidity == box.uidvalidity:
             lines += await self._qresync(sel, cmd.qresync)
         mode = b"READ-ONLY" if readonly else b"READ-WRITE"
@@ -410,8 +432,10 @@ class ImapSession:
 
     async def do_LIST(self, cmd: c.List) -> list[bytes]:
         acct = self._acct()
-        reference = self.name_in(cmd.reference) if cmd.reference else ""
-        patterns = [self.name_in(reference + p) if (reference + p) else "" for p in cmd.patterns]
+        # Reference and pattern are joined first and then decoded: decoding
+        # the reference alone and then the joined (already decoded) text
+        # again fails on any non-ASCII reference.
+        patterns = [self.name_in(cmd.reference + p) if (cmd.reference + p) else "" for p in cmd.patterns]
         if patterns == [""]:
             # RFC 9051 §6.3.9: the hierarchy delimiter and root.
             return [r.untagged(b"LIST", b"(\\Noselect)", r.quoted(DELIMITER), r.quoted("")), r.tagged(cmd.tag, "OK", None, "LIST completed")]
@@ -422,19 +446,26 @@ class ImapSession:
         sel_special = "SPECIAL-USE" in cmd.selection
         ret_subscribed = sel_subscribed or "SUBSCRIBED" in cmd.return_opts
         subscribed_names = {b.name for b in boxes if b.subscribed}
+        # RFC 5258 §3.1, §3.5: with RECURSIVEMATCH, a mailbox with subscribed
+        # descendants is listed (even if not subscribed itself) with
+        # ("CHILDINFO" ("SUBSCRIBED")).
+        recursive = sel_subscribed and "RECURSIVEMATCH" in cmd.selection
+        childinfo: set[str] = set()
         chosen = []
         for box in boxes:
             if not any(rx.match(box.name) for rx in regexes):
                 continue
-            if sel_subscribed and not box.subscribed:
+            if recursive and any(n.startswith(box.name + DELIMITER) for n in subscribed_names):
+                childinfo.add(box.name)
+            if sel_subscribed and not box.subscribed and box.name not in childinfo:
                 continue
             if sel_special and not box.special_use:
                 continue
             chosen.append(box)
         statuses = {}
         if cmd.status_items is not None:
-            for st in await self.storage.mail.statuses(acct, chosen):
-                statuses[st.mailbox.name] = st
+            for found in await self.storage.mail.statuses(acct, chosen):
+                statuses[found.mailbox.name] = found
         lines = []
         for box in chosen:
             attrs = []
@@ -444,15 +475,15 @@ class ImapSession:
                 attrs.append(box.special_use)
             if ret_subscribed and box.name in subscribed_names:
                 attrs.append("\\Subscribed")
-            lines.append(r.untagged(b"LIST", r.encode_flags(attrs), r.quoted(DELIMITER), self.name_out(box.name)))
+            extra = [b'("CHILDINFO" ("SUBSCRIBED"))'] if box.name in childinfo else []
+            lines.append(r.untagged(b"LIST", r.encode_flags(attrs), r.quoted(DELIMITER), self.name_out(box.name), *extra))
             st = statuses.get(box.name)
             if st is not None and cmd.status_items is not None:
                 lines.append(self._status_line(st, cmd.status_items))
         return lines + [r.tagged(cmd.tag, "OK", None, "LIST completed")]
 
     async def do_LSUB(self, cmd: c.Lsub) -> list[bytes]:
-        reference = self.name_in(cmd.reference) if cmd.reference else ""
-        pattern = self.name_in(reference + cmd.pattern) if reference + cmd.pattern else ""
+        pattern = self.name_in(cmd.reference + cmd.pattern) if cmd.reference + cmd.pattern else ""
         lines = []
         if pattern:
             rx = _pattern(pattern)
@@ -512,7 +543,10 @@ class ImapSession:
                 if waiter is not None and waiter not in done:
                     waiter.cancel()
                 if reader in done:
-                    line = reader.result()
+                    try:
+                        line = reader.result()
+                    except LineTooLong:
+                        return [r.tagged(cmd.tag, "BAD", b"TOOBIG", TOOBIG_LINE)]
                     if line is None:
                         raise Logout()
                     if line.rstrip(b"\r\n").upper() == b"DONE":
@@ -596,6 +630,14 @@ class ImapSession:
         if needs_email(cmd.items) and msgs:
             emails = await self.storage.mail.emails(acct, [m.email_id for _, m in msgs])
         with_modseq = cmd.changedsince is not None or (self.condstore and bool(seen_changed))
+        if all(i.name in SIMPLE_ITEMS for i in cmd.items):
+            # The common flag sync (UID FETCH 1:* (FLAGS)): no await per message.
+            lines += [
+                render_record(seq, msg, cmd.items, with_uid=cmd.uid, with_modseq=with_modseq,
+                              flags_changed=msg.uid in seen_changed)
+                for seq, msg in msgs
+            ]
+            msgs = []
         for seq, msg in msgs:
             email = emails.get(msg.email_id)
             if email is None and needs_email(cmd.items):

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ANCHORS, json_lines
+from _common import ANCHORS, anchor_log, json_lines
 
 from helpers import NodeProcess, rookery
 
@@ -61,11 +61,12 @@ def bench_rookery(populate: int, clients: list[int], seconds: float) -> dict[str
 def bench_dovecot(populate: int, clients: list[int], seconds: float) -> dict[str, object]:
     script = ANCHORS / "dovecot_imap.sh"
     env = dict(os.environ, IMAP_USER=USER, PASSWORD=PASSWORD)
-    subprocess.run(["bash", str(script), "setup", str(DOVECOT_PORT)], check=True, capture_output=True, env=env, timeout=900)
+    log = anchor_log("dovecot")
+    subprocess.run(["bash", str(script), "setup", str(DOVECOT_PORT)], check=True, stdout=log, stderr=log, env=env, timeout=900)
     try:
         return drive(f"127.0.0.1:{DOVECOT_PORT}", populate, clients, seconds)
     finally:
-        subprocess.run(["bash", str(script), "stop"], capture_output=True, env=env, timeout=120)
+        subprocess.run(["bash", str(script), "stop"], stdout=log, stderr=log, env=env, timeout=120)
 
 
 def summary(name: str, res: dict[str, object], clients: list[int]) -> str:

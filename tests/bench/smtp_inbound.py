@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ANCHORS, json_lines
+from _common import ANCHORS, anchor_log, json_lines
 
 from helpers import NodeProcess, rookery
 
@@ -51,11 +51,12 @@ def bench_rookery(concs: list[int], messages: int) -> dict[int, dict[str, object
 
 def bench_postfix(concs: list[int], messages: int) -> dict[int, dict[str, object]]:
     script = ANCHORS / "postfix_inbound.sh"
-    subprocess.run(["bash", str(script), "setup", str(POSTFIX_PORT)], check=True, capture_output=True, timeout=900)
+    log = anchor_log("postfix")
+    subprocess.run(["bash", str(script), "setup", str(POSTFIX_PORT)], check=True, stdout=log, stderr=log, timeout=900)
     try:
         return {c: load(f"127.0.0.1:{POSTFIX_PORT}", c, messages, "alice@example.com") for c in concs}
     finally:
-        subprocess.run(["bash", str(script), "stop"], capture_output=True, timeout=120)
+        subprocess.run(["bash", str(script), "stop"], stdout=log, stderr=log, timeout=120)
 
 
 def main() -> int:

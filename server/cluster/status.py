@@ -1,0 +1,88 @@
+"""What ``rookery cluster status`` and ``rookery node drain`` do, over the store.
+
+Both read or write node records (:mod:`storage.nodes`) directly, so they work
+from any machine that can open the store, with no node's help.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from storage.nodes import NodeRecord, Nodes, status_fields
+
+_STATE_ORDER = {"ready": 0, "joining": 1, "draining": 2, "gone": 3}
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def sort_records(records: list[NodeRecord]) -> list[NodeRecord]:
+    return sorted(records, key=lambda r: (_STATE_ORDER.get(r.state, 9), r.address, r.id))
+
+
+def format_status(records: list[NodeRecord], now: float | None = None) -> str:
+    """The table ``rookery cluster status`` prints."""
+    at = time.time() if now is None else now
+    rows = [("NODE", "ADDRESS", "STATE", "UPTIME", "CONNS", "HEARTBEAT", "QUEUE")]
+    for r in sort_records(records):
+        state = r.state + (" (drain requested)" if r.drain and r.state not in ("draining", "gone") else "")
+        rows.append((
+            r.id, r.address or "-", state,
+            format_duration(r.uptime(at)) if r.state != "gone" else "-",
+            str(r.connections), format_duration(at - r.heartbeat) + " ago", str(r.queue_held),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def status_json(records: list[NodeRecord], now: float | None = None) -> str:
+    at = time.time() if now is None else now
+    return json.dumps([status_fields(r, at) for r in sort_records(records)], indent=2)
+
+
+def find_node(records: list[NodeRecord], ref: str) -> NodeRecord:
+    """The node named by ``ref``: its id, a unique id prefix, or its address.
+    Gone nodes are only matched by their full id. Raises ``LookupError``."""
+    for r in records:
+        if r.id == ref:
+            return r
+    live = [r for r in records if r.state != "gone"]
+    matches = [r for r in live if r.address == ref] or [r for r in live if r.id.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise LookupError(f"no live node {ref!r}")
+    raise LookupError(f"{ref!r} names {len(matches)} nodes: " + ", ".join(r.id for r in matches))
+
+
+async def drain_node(nodes: Nodes, ref: str | None, local_address: str | None = None) -> NodeRecord:
+    """Ask a node to drain. ``ref`` as :func:`find_node`; without it, the node
+    at ``local_address`` (this machine's advertised cluster address), or the
+    only live node. Raises ``LookupError``."""
+    records = await nodes.list()
+    if ref is None:
+        live = [r for r in records if r.state != "gone"]
+        if local_address:
+            target = find_node(records, local_address)
+        elif len(live) == 1:
+            target = live[0]
+        else:
+            raise LookupError(f"{len(live)} live nodes: name the one to drain")
+    else:
+        target = find_node(records, ref)
+    updated = await nodes.request_drain(target.id)
+    if updated is None:
+        raise LookupError(f"node {target.id} vanished")
+    return updated
