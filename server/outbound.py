@@ -1,0 +1,980 @@
+"""The delivery worker: takes due messages from the queue and sends them on.
+
+Every node runs one. The loop claims due messages (leases in the store, see
+:mod:`storage.queue`), groups their open recipients by destination domain,
+and delivers each group over one connection: to the ``[routes]`` host of
+the domain (or of ``"*"``, a smarthost, optionally with AUTH), else to the
+domain's MX hosts in preference order (RFC 5321 §5.1; no MX: the domain's
+own address; null MX, RFC 7505: permanent failure). STARTTLS is used when
+offered, without certificate checks unless configured (opportunistic TLS,
+RFC 3207 / RFC 7435). Results are per recipient: delivered, deferred (4xx,
+retried on a Postfix-like schedule), failed (5xx: bounced at once). A
+message still undelivered when it expires is bounced too. Bounces are RFC
+3464 DSNs to the envelope sender, queued in the same transaction that
+records the failure, so that a local sender's DSN reaches the INBOX through
+the same queue; a null-sender message never bounces. Delay warnings are not
+sent.
+
+Leases are renewed while the node works; on drain the node finishes what it
+can and releases the rest so that another node takes it at once. Cluster
+throttles (connections and messages per hour per destination or MX pattern)
+and the adaptive backoff after 4xx replies are store records, so they hold
+across nodes. Peer ``queue_refresh`` messages and local submissions call
+:meth:`OutboundWorker.refresh` to wake the loop early; without them the loop
+still polls the store (DESIGN.md principle 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import secrets
+import ssl
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import formatdate, make_msgid
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import aiosmtplib
+
+from storage import Storage
+from storage.errors import RookeryError
+from storage.queue import (
+    DEFERRED,
+    DELIVERED,
+    FAILED,
+    PAUSE_RECHECK,
+    RETRY_MAX,
+    RETRY_MIN,
+    Queue,
+    QueuedMessage,
+    Recipient,
+    ThrottleRule,
+    domain_of,
+    format_id,
+    retry_delay,
+)
+
+log = logging.getLogger("rookery.outbound")
+
+SKIPPED = "skipped"
+#: MX hosts tried per destination and delivery round (Postfix ``smtp_mx_address_limit``-like).
+MAX_MX_HOSTS = 5
+#: Headers of the original message quoted in a DSN (RFC 3462 text/rfc822-headers).
+DSN_HEADERS_MAX = 64 * 1024
+EXPIRED = "Delivery time expired"
+_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+# -- settings and routes --------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class OutboundSettings:
+    hostname: str
+    retry_min: float = RETRY_MIN
+    retry_max: float = RETRY_MAX
+    lease_seconds: float = 60.0
+    #: Messages claimed per store transaction.
+    batch: int = 20
+    #: Messages one node holds at once.
+    max_inflight: int = 200
+    #: Concurrent outgoing connections of one node.
+    max_connections: int = 20
+    #: Seconds between store polls when nothing wakes the worker.
+    poll_interval: float = 15.0
+    connect_timeout: float = 30.0
+    #: RFC 5321 §4.5.3.2: 5 min for most replies, 10 min after the data.
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    #: Port of MX hosts (25; tests point it elsewhere).
+    smtp_port: int = 25
+    #: Verify server certificates (off: opportunistic TLS, RFC 7435).
+    tls_verify: bool = False
+    tls_ca_file: str = ""
+    #: How long a connection slot of a throttled destination is waited for.
+    slot_wait: float = 30.0
+    #: Retry delay of messages that found their destination throttled.
+    throttle_delay: float = 60.0
+    #: Adaptive backoff of a destination after 4xx: first delay, cap.
+    backoff_min: float = 60.0
+    backoff_max: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where mail for a domain goes instead of its MX (``[routes]``)."""
+
+    host: str
+    port: int = 25
+    username: str = ""
+    password: str = ""
+    #: ``opportunistic`` (STARTTLS if offered), ``required``, ``implicit`` (port 465), ``none``.
+    tls: str = "opportunistic"
+    #: Verify the certificate (default: ``[queue] tls_verify``).
+    verify: bool | None = None
+
+
+TLS_MODES = ("opportunistic", "required", "implicit", "none")
+
+
+def parse_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+        return host, int(port) if port else default_port
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return text, default_port
+    return host, int(port)
+
+
+def parse_routes(table: Mapping[str, Any] | None) -> dict[str, Route]:
+    """``[routes]``: ``"domain" = "host:port"`` or ``"domain" = {host, port,
+    username, password, tls, verify}``; the key ``"*"`` routes every domain."""
+    routes: dict[str, Route] = {}
+    for domain, spec in dict(table or {}).items():
+        if isinstance(spec, str):
+            host, port = parse_hostport(spec)
+            routes[domain.lower()] = Route(host, port)
+            continue
+        if not isinstance(spec, Mapping) or "host" not in spec:
+            raise ValueError(f"[routes] {domain!r} must be \"host:port\" or a table with host")
+        host, port = parse_hostport(str(spec["host"]), int(spec.get("port", 25)))
+        tls = str(spec.get("tls", "opportunistic"))
+        if tls not in TLS_MODES:
+            raise ValueError(f"[routes] {domain!r}: tls must be one of {', '.join(TLS_MODES)}")
+        verify = spec.get("verify")
+        routes[domain.lower()] = Route(
+            host, int(spec.get("port", port)), str(spec.get("username", "")), str(spec.get("password", "")),
+            tls, None if verify is None else bool(verify),
+        )
+    return routes
+
+
+# -- DNS ---------------------------------------------------------------------------------
+
+class DnsError(Exception):
+    def __init__(self, reply: str, permanent: bool) -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.permanent = permanent
+
+
+class MxResolver(Protocol):
+    async def resolve_mx(self, domain: str) -> list[str]:
+        """Hosts to try for ``domain``, best first. Raises :class:`DnsError`."""
+
+
+class DnsResolver:
+    """MX lookup with dnspython's asynchronous resolver (never blocks the loop).
+
+    ``resolver`` is anything with dnspython's ``async resolve(name, rdtype,
+    lifetime=...)``; tests pass a fake one.
+    """
+
+    def __init__(self, resolver: Any = None, lifetime: float = 20.0) -> None:
+        self._resolver = resolver
+        self.lifetime = lifetime
+
+    def _get(self) -> Any:
+        if self._resolver is None:
+            import dns.asyncresolver
+
+            self._resolver = dns.asyncresolver.Resolver()
+        return self._resolver
+
+    async def _has_address(self, domain: str) -> bool:
+        import dns.exception
+        import dns.resolver
+
+        for rdtype in ("A", "AAAA"):
+            try:
+                await self._get().resolve(domain, rdtype, lifetime=self.lifetime)
+                return True
+            except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+                continue
+            except dns.exception.DNSException as exc:
+                raise DnsError(f"451 4.4.3 DNS lookup of {domain} failed: {exc.__class__.__name__}", False) from None
+        return False
+
+    async def resolve_mx(self, domain: str) -> list[str]:
+        import dns.exception
+        import dns.resolver
+
+        try:
+            answer = await self._get().resolve(domain, "MX", lifetime=self.lifetime)
+        except dns.resolver.NXDOMAIN:
+            raise DnsError(f"550 5.1.2 Domain {domain} does not exist", True) from None
+        except dns.resolver.NoAnswer:
+            # RFC 5321 §5.1: no MX records, the domain itself is the implicit MX.
+            if await self._has_address(domain):
+                return [domain]
+            raise DnsError(f"550 5.1.2 Domain {domain} has no MX or address records", True) from None
+        except dns.exception.DNSException as exc:
+            raise DnsError(f"451 4.4.3 DNS lookup of {domain} failed: {exc.__class__.__name__}", False) from None
+        records = [(int(r.preference), r.exchange.to_text(omit_final_dot=True)) for r in answer]
+        # RFC 7505 §3: a single MX of "." with preference 0 says "no mail here".
+        if any(host in ("", ".") for _, host in records):
+            if len(records) == 1:
+                raise DnsError(f"556 5.1.10 Domain {domain} accepts no mail (null MX)", True)
+            records = [(p, h) for p, h in records if h not in ("", ".")]
+        # Equal preferences are tried in random order (RFC 5321 §5.1).
+        random.shuffle(records)
+        records.sort(key=lambda r: r[0])
+        return [host.lower() for _, host in records]
+
+
+# -- DSN ------------------------------------------------------------------------------------
+
+def status_of(reply: str, failed: bool = True) -> str:
+    """The RFC 3463 status of a reply: its enhanced code, else its class."""
+    m = _ENHANCED.search(reply)
+    if m:
+        cls, sub, detail = m.groups()
+    else:
+        cls, sub, detail = (reply[:1] if reply[:1] in "245" else "4"), "0", "0"
+    if failed:
+        cls = "5"
+    return f"{cls}.{sub}.{detail}"
+
+
+def build_dsn(
+    hostname: str,
+    msg: QueuedMessage,
+    failed: Sequence[Recipient],
+    original_headers: bytes,
+    now: float,
+) -> bytes:
+    """A non-delivery report (RFC 3464 multipart/report, report-type=delivery-status)."""
+    boundary = f"{secrets.token_hex(12)}={hostname}"
+    date = formatdate(now, localtime=False)
+    human = [
+        f"This is the mail system at host {hostname}.",
+        "",
+        "Your message could not be delivered to one or more recipients.",
+        "It is attached below (headers only).",
+        "",
+    ]
+    for r in failed:
+        human.append(f"<{r.address}>: {r.reply or 'delivery failed'}")
+    per_message = [
+        f"Reporting-MTA: dns; {hostname}",
+        f"X-Rookery-Queue-ID: {msg.qid}",
+        f"Arrival-Date: {formatdate(msg.created, localtime=False)}",
+    ]
+    blocks = ["\r\n".join(per_message)]
+    for r in failed:
+        fields = [
+            f"Final-Recipient: rfc822; {r.address}",
+            "Action: failed",
+            f"Status: {status_of(r.reply)}",
+        ]
+        if r.remote:
+            fields.append(f"Remote-MTA: dns; {r.remote}")
+            fields.append(f"Diagnostic-Code: smtp; {_one_line(r.reply)}")
+        elif r.reply:
+            fields.append(f"Diagnostic-Code: X-Rookery; {_one_line(r.reply)}")
+        if r.updated:
+            fields.append(f"Last-Attempt-Date: {formatdate(r.updated, localtime=False)}")
+        blocks.append("\r\n".join(fields))
+    headers = original_headers[:DSN_HEADERS_MAX]
+    if not headers.endswith(b"\r\n"):
+        headers += b"\r\n"
+    eight_bit = any(b > 127 for b in headers)
+    # RFC 3461 §6.2 / RFC 3834: a DSN comes from the null sender and is auto-submitted.
+    top = (
+        f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
+        f"To: <{msg.sender}>\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        f"Date: {date}\r\n"
+        f"Message-ID: {make_msgid(domain=hostname)}\r\n"
+        "Auto-Submitted: auto-replied\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"\r\n'
+        "\r\n"
+        "This is a MIME-encapsulated message.\r\n"
+        "\r\n"
+        f"--{boundary}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "Content-Description: Notification\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n"
+        "\r\n"
+        + "\r\n".join(human)
+        + "\r\n\r\n"
+        f"--{boundary}\r\n"
+        "Content-Type: message/delivery-status\r\n"
+        "Content-Description: Delivery report\r\n"
+        "\r\n"
+        + "\r\n\r\n".join(blocks)
+        + "\r\n\r\n"
+        f"--{boundary}\r\n"
+        + ("Content-Type: text/rfc822-headers; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+           if eight_bit else "Content-Type: text/rfc822-headers\r\n")
+        + "Content-Description: Undelivered Message Headers\r\n"
+        + "\r\n"
+    ).encode("utf-8", "surrogateescape")
+    return top + headers + f"\r\n--{boundary}--\r\n".encode()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:900]
+
+
+def _why(exc: BaseException) -> str:
+    return _one_line(str(exc)) or exc.__class__.__name__
+
+
+# -- the worker --------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Outcome:
+    status: str  # DELIVERED, DEFERRED, FAILED or SKIPPED (not attempted)
+    reply: str = ""
+    remote: str = ""
+    #: SKIPPED: when to look again; DEFERRED: not before (destination backoff).
+    retry_at: float = 0.0
+
+
+def reply_text(code: int, message: str) -> str:
+    return _one_line(f"{code} {message}")
+
+
+def classify(code: int) -> str:
+    if 500 <= code < 600:
+        return FAILED
+    return DEFERRED
+
+
+@dataclass(slots=True)
+class _Group:
+    domain: str
+    route: Route | None
+    items: list[tuple[QueuedMessage, list[int]]] = field(default_factory=list)
+
+
+Results = dict[tuple[int, int], Outcome]
+
+
+class OutboundWorker:
+    """The node's queue runner (a node service: start, stop_accepting, drain)."""
+
+    name = "outbound"
+
+    def __init__(
+        self,
+        storage: Storage,
+        queue: Queue,
+        settings: OutboundSettings,
+        *,
+        routes: Mapping[str, Route] | None = None,
+        throttles: Iterable[ThrottleRule] = (),
+        resolver: MxResolver | None = None,
+        clock: Callable[[], float] = time.time,
+        node_id: str = "",
+    ) -> None:
+        self.storage = storage
+        self.queue = queue
+        self.settings = settings
+        self.routes = dict(routes or {})
+        self.throttles = sorted(throttles, key=lambda r: r.name)
+        self.resolver: MxResolver = resolver or DnsResolver()
+        self.clock = clock
+        #: Lease owner token: unique per worker run, so a restarted node never
+        #: mistakes its predecessor's leases for its own.
+        self.owner = f"{node_id or 'node'}-{secrets.token_hex(6)}"
+        self._held: dict[int, QueuedMessage] = {}
+        self._slots: set[tuple[str, int]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
+        self._conn_limit = asyncio.Semaphore(settings.max_connections)
+        self._tls: dict[bool, ssl.SSLContext] = {}
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        await self._ensure_tls()
+        self._loop_task = asyncio.create_task(self._run(), name="outbound")
+        self._renew_task = asyncio.create_task(self._renew_loop(), name="outbound-renew")
+
+    def refresh(self) -> None:
+        """Look at the queue now (a submission, or a peer's ``queue_refresh``)."""
+        self._wake.set()
+
+    @property
+    def held(self) -> int:
+        """Messages this node holds (node record load)."""
+        return len(self._held)
+
+    def stop_accepting(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def drain(self, deadline: float) -> None:
+        """Finish deliveries under way for up to ``deadline`` seconds, then
+        stop them and give their messages back to the queue."""
+        self.stop_accepting()
+        if self._loop_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=deadline)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        now = self.clock()
+        for qid in list(self._held):
+            try:
+                await self.queue.release(qid, self.owner, now)
+            except Exception:
+                log.exception("release failed", extra={"queue_id": format_id(qid)})
+            self._held.pop(qid, None)
+        for rule, n in list(self._slots):
+            with contextlib.suppress(Exception):
+                await self.queue.release_slot(rule, n, self.owner)
+        self._slots.clear()
+        if self._renew_task is not None:
+            self._renew_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renew_task
+
+    async def _run(self) -> None:
+        settings = self.settings
+        while not self._stopping:
+            claimed = 0
+            capacity = settings.max_inflight - len(self._held)
+            if capacity > 0:
+                try:
+                    claimed = await self._claim_and_start(min(settings.batch, capacity))
+                except Exception:
+                    log.exception("queue claim failed")
+            if claimed and claimed == min(settings.batch, capacity):
+                continue  # more may be due
+            timeout = settings.poll_interval
+            with contextlib.suppress(Exception):
+                due = await self.queue.next_due()
+                if due is not None:
+                    timeout = min(timeout, max(0.05, due - self.clock()))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+
+    async def _claim_and_start(self, limit: int) -> int:
+        msgs = await self.queue.claim(self.owner, self.clock(), limit, self.settings.lease_seconds)
+        if not msgs:
+            return 0
+        for msg in msgs:
+            self._held[msg.id] = msg
+        task = asyncio.create_task(self._process(msgs), name="outbound-batch")
+        self._tasks.add(task)
+        task.add_done_callback(self._batch_done)
+        return len(msgs)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery batch failed: %r", task.exception())
+        self._wake.set()
+
+    async def run_once(self, limit: int | None = None) -> int:
+        """Claim one batch and deliver it to the end (tests, ``queue flush``)."""
+        await self._ensure_tls()
+        limit = limit or self.settings.batch
+        msgs = await self.queue.claim(self.owner, self.clock(), limit, self.settings.lease_seconds)
+        for msg in msgs:
+            self._held[msg.id] = msg
+        if msgs:
+            await self._process(msgs)
+        return len(msgs)
+
+    async def _renew_loop(self) -> None:
+        interval = max(0.05, self.settings.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            now = self.clock()
+            held = list(self._held)
+            try:
+                kept = set(await self.queue.renew(held, self.owner, now, self.settings.lease_seconds))
+                lost = [q for q in held if q not in kept and q in self._held]
+                if lost:
+                    log.warning("queue leases lost", extra={"ids": ",".join(format_id(q) for q in lost)})
+                await self.queue.renew_slots(sorted(self._slots), self.owner, now, self.settings.lease_seconds)
+            except Exception:
+                log.exception("lease renewal failed")
+
+    async def _ensure_tls(self) -> None:
+        if not self._tls:
+            self._tls = await asyncio.get_running_loop().run_in_executor(None, self._make_tls)
+
+    def _make_tls(self) -> dict[bool, ssl.SSLContext]:
+        loose = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        loose.check_hostname = False
+        loose.verify_mode = ssl.CERT_NONE
+        strict = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if self.settings.tls_ca_file:
+            strict.load_verify_locations(cafile=self.settings.tls_ca_file)
+        return {False: loose, True: strict}
+
+    # -- one batch --
+
+    def route_for(self, domain: str) -> Route | None:
+        return self.routes.get(domain) or self.routes.get("*")
+
+    async def _process(self, msgs: Sequence[QueuedMessage]) -> None:
+        results: Results = {}
+        now = self.clock()
+        paused: set[str] = set(await self.queue.paused())
+        groups: dict[str, _Group] = {}
+        local: list[tuple[QueuedMessage, list[int]]] = []
+        for msg in msgs:
+            by_domain: dict[str, list[int]] = {}
+            local_idx: list[int] = []
+            for i, r in enumerate(msg.recipients):
+                if not r.open:
+                    continue
+                if r.local is not None:
+                    local_idx.append(i)
+                elif r.domain in paused:
+                    results[(msg.id, i)] = Outcome(SKIPPED, "4.4.5 destination paused", retry_at=now + PAUSE_RECHECK)
+                else:
+                    by_domain.setdefault(r.domain, []).append(i)
+            if local_idx:
+                local.append((msg, local_idx))
+            for domain, idxs in by_domain.items():
+                group = groups.setdefault(domain, _Group(domain, self.route_for(domain)))
+                group.items.append((msg, idxs))
+        jobs = [self._deliver_group(g, results) for g in groups.values()]
+        if local:
+            jobs.append(self._deliver_local(local, results))
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                log.error("delivery group failed: %r", outcome, exc_info=outcome)
+        for msg in msgs:
+            try:
+                await self._finish(msg, results)
+            except Exception:
+                log.exception("could not record delivery results", extra={"queue_id": msg.qid})
+            finally:
+                self._held.pop(msg.id, None)
+
+    async def _finish(self, msg: QueuedMessage, results: Results) -> None:
+        now = self.clock()
+        attempted = False
+        retry_at: list[float] = []
+        deferred = False
+        for i, r in enumerate(msg.recipients):
+            outcome = results.get((msg.id, i))
+            if not r.open:
+                continue
+            if outcome is None:
+                # Not reached (the group crashed): try again soon, as a deferral.
+                outcome = Outcome(DEFERRED, "451 4.3.0 Delivery was interrupted")
+            if outcome.status == SKIPPED:
+                retry_at.append(outcome.retry_at)
+                continue
+            attempted = True
+            r.status, r.reply, r.remote, r.updated = outcome.status, outcome.reply, outcome.remote, now
+            r.attempts += 1
+            if outcome.status == DEFERRED:
+                deferred = True
+                if outcome.retry_at:
+                    retry_at.append(outcome.retry_at)
+        if attempted:
+            msg.attempts += 1
+        if deferred:
+            retry_at.append(now + retry_delay(msg.attempts, self.settings.retry_min, self.settings.retry_max))
+        if now >= msg.expires:
+            for r in msg.open_recipients:
+                last = f" (last reply: {r.reply})" if r.reply else ""
+                r.status, r.reply, r.updated = FAILED, f"554 5.4.7 {EXPIRED}{last}", now
+        if msg.open_recipients:
+            # A deferred recipient waits for the later of its retry time and
+            # its destination's backoff; the message is due at the earliest.
+            msg.next_attempt = min(retry_at) if retry_at else now + self.settings.retry_min
+        failed = [r for r in msg.recipients if r.status == FAILED and not r.notified]
+        dsn = None
+        for r in failed:
+            r.notified = True
+        if failed and msg.sender and not msg.dsn:
+            dsn = await self._make_dsn(msg, failed, now)
+        if not await self.queue.finish(msg, self.owner, dsn):
+            log.warning("lease lost before results were stored", extra={"queue_id": msg.qid})
+            return
+        log.info(
+            "queue round",
+            extra={
+                "queue_id": msg.qid,
+                "delivered": sum(r.status == DELIVERED for r in msg.recipients),
+                "failed": len(failed),
+                "open": len(msg.open_recipients),
+                "next": msg.next_attempt if msg.open_recipients else 0,
+            },
+        )
+        if dsn is not None:
+            self.refresh()
+
+    async def _make_dsn(self, msg: QueuedMessage, failed: list[Recipient], now: float) -> QueuedMessage | None:
+        headers = await self.queue.read_headers(msg, DSN_HEADERS_MAX)
+        raw = build_dsn(self.settings.hostname, msg, failed, headers, now)
+        local = await self.queue.local_account(msg.sender)
+        if local is None and await self.queue.is_local_domain(domain_of(msg.sender)):
+            log.warning("bounce dropped: unknown local sender", extra={"queue_id": msg.qid, "from": msg.sender})
+            return None
+        return await self.queue.prepare_dsn(raw, msg.sender, local, now)
+
+    # -- local recipients --
+
+    async def _deliver_local(self, items: list[tuple[QueuedMessage, list[int]]], results: Results) -> None:
+        for msg, idxs in items:
+            body = await self.queue.read_body(msg)
+            copy = f"Return-Path: <{msg.sender}>\r\n".encode("utf-8", "surrogateescape") + body
+            for i in idxs:
+                acct = msg.recipients[i].local
+                assert acct is not None
+                try:
+                    await self.storage.mail.deliver([acct], copy)
+                    results[(msg.id, i)] = Outcome(DELIVERED, "250 2.0.0 Delivered to INBOX")
+                except RookeryError as exc:
+                    results[(msg.id, i)] = Outcome(classify(int(exc.smtp[:3])), exc.smtp)
+                except Exception as exc:
+                    log.exception("local delivery failed", extra={"queue_id": msg.qid})
+                    reply = f"451 4.3.0 Local delivery failed: {exc.__class__.__name__}"
+                    results[(msg.id, i)] = Outcome(DEFERRED, reply)
+
+    # -- remote recipients --
+
+    def _settle(self, group: _Group, results: Results, outcome: Outcome) -> None:
+        """Give every recipient of ``group`` without a result ``outcome``."""
+        for msg, idxs in group.items:
+            for i in idxs:
+                results.setdefault(
+                    (msg.id, i), Outcome(outcome.status, outcome.reply, outcome.remote, outcome.retry_at)
+                )
+
+    async def _deliver_group(self, group: _Group, results: Results) -> None:
+        now = self.clock()
+        until = await self.queue.backoff_until(group.domain)
+        if until > now:
+            self._settle(group, results, Outcome(SKIPPED, "4.4.1 destination backed off", retry_at=until))
+            return
+        route = group.route
+        if route is not None:
+            hosts = [(route.host, route.port)]
+        else:
+            try:
+                mx = await self.resolver.resolve_mx(group.domain)
+            except DnsError as exc:
+                self._settle(group, results, Outcome(FAILED if exc.permanent else DEFERRED, exc.reply))
+                return
+            hosts = [(h, self.settings.smtp_port) for h in mx[:MAX_MX_HOSTS]]
+        rules = [r for r in self.throttles if r.kind == "domain" and r.matches(group.domain)]
+        slots: list[tuple[str, int]] = []
+        try:
+            if not await self._acquire(rules, slots):
+                self._settle(group, results, Outcome(SKIPPED, "4.4.5 destination throttled",
+                                                     retry_at=now + self.settings.throttle_delay))
+                return
+            last = "451 4.4.1 No mail exchanger could be reached"
+            temporary = False
+            async with self._conn_limit:
+                for host, port in hosts:
+                    mx_rules = [r for r in self.throttles if r.kind == "mx" and r.matches(group.domain, host)]
+                    mx_slots: list[tuple[str, int]] = []
+                    try:
+                        if not await self._acquire(mx_rules, mx_slots):
+                            self._settle(group, results, Outcome(SKIPPED, "4.4.5 mail exchanger throttled",
+                                                                 retry_at=self.clock() + self.settings.throttle_delay))
+                            return
+                        connected, reply, temporary = await self._session(
+                            group, host, port, route, rules + mx_rules, results
+                        )
+                    finally:
+                        await self._release(mx_slots)
+                    last = reply
+                    if connected:
+                        break
+                else:
+                    temporary = True
+            if temporary:
+                until = await self.queue.back_off(group.domain, self.clock(), self.settings.backoff_min,
+                                                  self.settings.backoff_max)
+                self._settle(group, results, Outcome(DEFERRED, last, retry_at=until))
+            else:
+                self._settle(group, results, Outcome(DEFERRED, last))
+        finally:
+            await self._release(slots)
+
+    async def _acquire(self, rules: Sequence[ThrottleRule], held: list[tuple[str, int]]) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.slot_wait
+        for rule in rules:
+            if rule.max_connections <= 0:
+                continue
+            delay = 0.05
+            while True:
+                n = await self.queue.acquire_slot(rule.name, rule.max_connections, self.owner, self.clock(),
+                                                  self.settings.lease_seconds)
+                if n is not None:
+                    held.append((rule.name, n))
+                    self._slots.add((rule.name, n))
+                    break
+                if loop.time() >= deadline or self._stopping:
+                    await self._release(held)
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        return True
+
+    async def _release(self, held: list[tuple[str, int]]) -> None:
+        for rule, n in held:
+            self._slots.discard((rule, n))
+            try:
+                await self.queue.release_slot(rule, n, self.owner)
+            except Exception:
+                log.exception("throttle slot release failed")  # it expires on its own
+        held.clear()
+
+    async def _session(
+        self, group: _Group, host: str, port: int, route: Route | None, rules: Sequence[ThrottleRule], results: Results
+    ) -> tuple[bool, str, bool]:
+        """Deliver the group over one connection to ``host``.
+
+        Returns ``(connected, reply, temporary)``: ``connected`` false means
+        try the next host (``reply`` says why); ``temporary`` means the
+        destination answered 4xx or failed and should be backed off.
+        """
+        mode = route.tls if route is not None else "opportunistic"
+        verify = (route.verify if route is not None and route.verify is not None else self.settings.tls_verify)
+        client = aiosmtplib.SMTP(
+            hostname=host,
+            port=port,
+            local_hostname=self.settings.hostname,
+            timeout=self.settings.connect_timeout,
+            use_tls=mode == "implicit",
+            start_tls=False,
+            validate_certs=verify,
+            tls_context=self._tls[verify],
+        )
+        try:
+            try:
+                await client.connect()
+            except aiosmtplib.SMTPResponseException as exc:
+                return False, reply_text(exc.code, exc.message), True
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                return False, f"451 4.4.1 Connection to {host} failed: {_why(exc)}", True
+            client.timeout = self.settings.command_timeout
+            try:
+                await self._hello(client, host, mode, verify, route)
+            except aiosmtplib.SMTPResponseException as exc:
+                # A refused EHLO/STARTTLS/AUTH is the host's, not the recipient's.
+                return False, reply_text(exc.code, exc.message), exc.code < 500 or route is not None
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+                return False, f"451 4.4.2 Session with {host} failed: {_why(exc)}", True
+            temporary = False
+            delivered = False
+            for msg, idxs in group.items:
+                if not client.is_connected:
+                    break
+                wait = await self._take_hourly(rules)
+                if wait is not None:
+                    self._settle(_Group(group.domain, route, [(msg, idxs)]), results,
+                                 Outcome(SKIPPED, "4.4.5 destination hourly limit reached", retry_at=wait))
+                    continue
+                try:
+                    sent, temp = await self._send(client, host, msg, idxs, results)
+                    delivered |= sent
+                    temporary |= temp
+                except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                    reply = f"451 4.4.2 Connection to {host} lost: {_why(exc)}"
+                    for i in idxs:
+                        results.setdefault((msg.id, i), Outcome(DEFERRED, reply, host))
+                    temporary = True
+                    break
+            if client.is_connected:
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                    await client.quit(timeout=10)
+            if delivered and not temporary:
+                await self.queue.clear_backoff(group.domain)
+            return True, f"451 4.4.2 Connection to {host} closed early", temporary
+        finally:
+            client.close()
+
+    async def _hello(self, client: aiosmtplib.SMTP, host: str, mode: str, verify: bool, route: Route | None) -> None:
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            await client.helo()
+        if mode in ("opportunistic", "required") and client.supports_extension("starttls"):
+            await client.starttls(server_hostname=host, validate_certs=verify, tls_context=self._tls[verify])
+            await client.ehlo()
+        elif mode == "required":
+            raise aiosmtplib.SMTPResponseException(454, "4.7.10 TLS required but not offered by " + host)
+        if route is not None and route.username:
+            # One mechanism, one try: a wrong password must not count twice
+            # against the smarthost's failed-login limit.
+            if "plain" in client.server_auth_methods or "login" not in client.server_auth_methods:
+                await client.auth_plain(route.username, route.password)
+            else:
+                await client.auth_login(route.username, route.password)
+
+    async def _take_hourly(self, rules: Sequence[ThrottleRule]) -> float | None:
+        for rule in rules:
+            if rule.max_per_hour > 0:
+                wait = await self.queue.take_hourly(rule.name, rule.max_per_hour, self.clock())
+                if wait is not None:
+                    return wait
+        return None
+
+    async def _send(
+        self, client: aiosmtplib.SMTP, host: str, msg: QueuedMessage, idxs: list[int], results: Results
+    ) -> tuple[bool, bool]:
+        """One message over an open connection; returns (delivered any, 4xx seen)."""
+        body = await self.queue.read_body(msg)
+        addresses = [msg.recipients[i].address for i in idxs]
+        options = []
+        if client.supports_extension("size"):
+            options.append(f"SIZE={len(body)}")
+        if client.supports_extension("8bitmime") and any(b > 127 for b in body):
+            options.append("BODY=8BITMIME")
+        encoding = "ascii"
+        if msg.smtputf8 or not (msg.sender.isascii() and all(a.isascii() for a in addresses)):
+            if not client.supports_extension("smtputf8"):
+                # RFC 6531 §3.4: no SMTPUTF8 at the server, a permanent failure.
+                for i in idxs:
+                    results[(msg.id, i)] = Outcome(FAILED, "553 5.6.7 Destination does not support SMTPUTF8", host)
+                return False, False
+            options.append("SMTPUTF8")
+            encoding = "utf-8"
+        try:
+            await client.mail(msg.sender, options=options, encoding=encoding)
+        except aiosmtplib.SMTPResponseException as exc:
+            for i in idxs:
+                results[(msg.id, i)] = Outcome(classify(exc.code), reply_text(exc.code, exc.message), host)
+            await self._rset(client)
+            return False, exc.code < 500
+        accepted = []
+        for i, address in zip(idxs, addresses):
+            try:
+                await client.rcpt(address, encoding=encoding)
+                accepted.append(i)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                results[(msg.id, i)] = Outcome(classify(exc.code), reply_text(exc.code, exc.message), host)
+        if not accepted:
+            await self._rset(client)
+            return False, False
+        try:
+            response = await client.data(body, timeout=self.settings.data_timeout)
+        except aiosmtplib.SMTPDataError as exc:
+            for i in accepted:
+                results[(msg.id, i)] = Outcome(classify(exc.code), reply_text(exc.code, exc.message), host)
+            await self._rset(client)
+            return False, exc.code < 500
+        for i in accepted:
+            results[(msg.id, i)] = Outcome(DELIVERED, reply_text(response.code, response.message), host)
+        log.info("delivered", extra={"queue_id": msg.qid, "host": host, "rcpts": len(accepted)})
+        return True, False
+
+    async def _rset(self, client: aiosmtplib.SMTP) -> None:
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            await client.rset()
+
+
+# -- wiring and administration (``rookery queue ...``) ----------------------------------------
+
+def from_config(config: Any) -> tuple[OutboundSettings, dict[str, Route], list[ThrottleRule]]:
+    """Settings, routes and throttles from the node's config (``[queue]``,
+    ``[routes]``, ``[throttle]``)."""
+    from storage.queue import parse_throttles
+
+    q = config.queue
+    settings = OutboundSettings(
+        hostname=config.hostname,
+        retry_min=q.retry_min,
+        retry_max=q.retry_max,
+        lease_seconds=q.lease_seconds,
+        max_connections=q.max_connections,
+        poll_interval=q.poll_interval,
+        connect_timeout=q.connect_timeout,
+        smtp_port=q.smtp_port,
+        tls_verify=q.tls_verify,
+        tls_ca_file=q.tls_ca_file,
+    )
+    return settings, parse_routes(config.extra.get("routes")), parse_throttles(config.extra.get("throttle"))
+
+
+async def flush(worker: OutboundWorker, *, retry: bool = True, rounds: int = 1000) -> int:
+    """Deliver everything now (``queue flush``; with a ``"*"`` route to another
+    server, ``queue drain --to HOST``): make every message due, then run
+    rounds until nothing is due. Returns the messages handled."""
+    if retry:
+        await worker.queue.retry(now=worker.clock())
+    total = 0
+    for _ in range(rounds):
+        n = await worker.run_once()
+        if not n:
+            break
+        total += n
+    return total
+
+
+def relay_worker(storage: Storage, queue: Queue, settings: OutboundSettings, target: str) -> OutboundWorker:
+    """A worker sending every message to ``target`` (host:port), for ``queue drain --to``."""
+    host, port = parse_hostport(target)
+    return OutboundWorker(storage, queue, settings, routes={"*": Route(host, port)})
+
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_list(msgs: Sequence[QueuedMessage]) -> str:
+    """``rookery queue list``: one line per message, then its open recipients."""
+    lines = []
+    for m in msgs:
+        state = "held" if m.lease_owner and m.lease_expires > time.time() else "queued"
+        lines.append(
+            f"{m.qid}  {m.size:>9}  {_when(m.created)}  next {_when(m.next_attempt)}  "
+            f"tries {m.attempts}  {state}  <{m.sender}>"
+        )
+        for r in m.open_recipients:
+            lines.append(f"    {r.status:<9} {r.address}" + (f"  ({r.reply})" if r.reply else ""))
+    lines.append(f"-- {len(msgs)} message(s)")
+    return "\n".join(lines)
+
+
+def format_message(m: QueuedMessage) -> str:
+    """``rookery queue show ID``."""
+    lines = [
+        f"id:        {m.qid}",
+        f"sender:    <{m.sender}>" + ("  (DSN)" if m.dsn else ""),
+        f"size:      {m.size}",
+        f"created:   {_when(m.created)}",
+        f"next:      {_when(m.next_attempt)}",
+        f"expires:   {_when(m.expires)}",
+        f"attempts:  {m.attempts}",
+    ]
+    if m.lease_owner:
+        lines.append(f"lease:     {m.lease_owner} until {_when(m.lease_expires)}")
+    lines.append("recipients:")
+    for r in m.recipients:
+        where = " (local)" if r.local is not None else ""
+        lines.append(f"  {r.status:<9} {r.address}{where}  tries {r.attempts}")
+        if r.reply:
+            lines.append(f"            {r.remote + ': ' if r.remote else ''}{r.reply}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "DnsError", "DnsResolver", "MxResolver", "OutboundSettings", "OutboundWorker", "Route", "build_dsn", "flush",
+    "format_list", "format_message", "from_config", "parse_routes", "relay_worker", "status_of",
+]
