@@ -104,6 +104,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("alias")
     p.set_defaults(handler=cmd_alias_remove)
 
+    queue = sub.add_parser("queue", help="the outbound queue").add_subparsers(dest="action", required=True)
+    p = queue.add_parser("list", parents=[common], help="id, sender, recipients with status, attempts, next attempt, holder")
+    p.add_argument("--domain", help="only messages with a recipient in this domain")
+    p.set_defaults(handler=cmd_queue_list)
+    p = queue.add_parser("show", parents=[common], help="one message in full")
+    p.add_argument("id")
+    p.set_defaults(handler=cmd_queue_show)
+    p = queue.add_parser("retry", parents=[common], help="make a message (or --all) due now")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--all", action="store_true")
+    p.set_defaults(handler=cmd_queue_retry)
+    p = queue.add_parser("delete", parents=[common], help="drop a message from the queue (no bounce)")
+    p.add_argument("id")
+    p.set_defaults(handler=cmd_queue_delete)
+    for verb in ("pause", "resume"):
+        p = queue.add_parser(verb, parents=[common], help=f"{verb} delivery to DOMAIN (default: everything)")
+        p.add_argument("domain", nargs="?")
+        p.set_defaults(handler=cmd_queue_pause if verb == "pause" else cmd_queue_resume)
+    p = queue.add_parser("flush", parents=[common], help="deliver everything due now from this process")
+    p.set_defaults(handler=cmd_queue_flush)
+    p = queue.add_parser("drain", parents=[common], help="relay every queued message to another server, then drop it")
+    p.add_argument("--to", required=True, metavar="HOST:PORT")
+    p.set_defaults(handler=cmd_queue_drain)
+
+    dkim = sub.add_parser("dkim", help="DKIM signing keys").add_subparsers(dest="action", required=True)
+    p = dkim.add_parser("generate", parents=[common], help="create DOMAIN's key in the store; print the DNS TXT record")
+    p.add_argument("domain")
+    p.add_argument("--selector", default="rookery")
+    p.add_argument("--replace", action="store_true", help="replace an existing key")
+    p.set_defaults(handler=cmd_dkim_generate)
+    p = dkim.add_parser("show", parents=[common], help="print DOMAIN's DNS TXT record")
+    p.add_argument("domain")
+    p.set_defaults(handler=cmd_dkim_show)
+
     cluster = sub.add_parser("cluster", help="the nodes sharing this store").add_subparsers(dest="action", required=True)
     p = cluster.add_parser("status", parents=[common], help="node id, address, state, uptime, connections, heartbeat")
     p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
@@ -286,6 +320,113 @@ def cmd_alias_remove(args: argparse.Namespace, cfg: configmod.Config) -> int:
         else:
             await s.directory.remove_alias(args.alias)
         print(f"removed alias {args.alias}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def _queue(s: Storage, cfg: configmod.Config) -> Any:
+    from storage.queue import Queue
+
+    return Queue(s.db, lifetime=cfg.queue.lifetime)
+
+
+def cmd_queue_list(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from .outbound import format_list
+
+    async def fn(s: Storage) -> None:
+        print(format_list(await _queue(s, cfg).list_messages(args.domain)))
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_queue_show(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from .outbound import format_message
+
+    async def fn(s: Storage) -> None:
+        print(format_message(await _queue(s, cfg).show(args.id)))
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_queue_retry(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    if not args.all and not args.id:
+        print("rookery: queue retry needs an ID or --all", file=sys.stderr)
+        return 2
+
+    async def fn(s: Storage) -> None:
+        n = await _queue(s, cfg).retry(None if args.all else args.id)
+        print(f"{n} message(s) due now")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_queue_delete(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    async def fn(s: Storage) -> None:
+        await _queue(s, cfg).delete(args.id)
+        print(f"deleted {args.id}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_queue_pause(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    async def fn(s: Storage) -> None:
+        await _queue(s, cfg).pause(args.domain)
+        print(f"paused {args.domain or 'all delivery'}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_queue_resume(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    async def fn(s: Storage) -> None:
+        await _queue(s, cfg).resume(args.domain)
+        print(f"resumed {args.domain or 'all delivery'}")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_queue_flush(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from .outbound import OutboundWorker, flush, from_config
+
+    async def fn(s: Storage) -> None:
+        settings, routes, throttles = from_config(cfg)
+        worker = OutboundWorker(s, _queue(s, cfg), settings, routes=routes, throttles=throttles, node_id="cli")
+        print(f"{await flush(worker)} message(s) handled")
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_queue_drain(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from .outbound import flush, from_config, relay_worker
+
+    async def fn(s: Storage) -> int:
+        queue = _queue(s, cfg)
+        # Every message goes, paused or not: this store is being emptied.
+        for domain in await queue.paused():
+            await queue.resume(None if domain == "*" else domain)
+        print(f"{await flush(relay_worker(s, queue, from_config(cfg)[0], args.to))} message(s) relayed to {args.to}")
+        left = await queue.list_messages()
+        if left:
+            print(f"rookery: {len(left)} message(s) could not be relayed and stay queued", file=sys.stderr)
+            return 1
+        return 0
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_dkim_generate(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from . import dkim
+
+    async def fn(s: Storage) -> None:
+        print(await dkim.generate(_queue(s, cfg), args.domain, args.selector, replace=args.replace))
+
+    return asyncio.run(_with_storage(cfg, fn))
+
+
+def cmd_dkim_show(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from . import dkim
+
+    async def fn(s: Storage) -> None:
+        print(await dkim.show(_queue(s, cfg), args.domain))
 
     return asyncio.run(_with_storage(cfg, fn))
 

@@ -113,6 +113,17 @@ SCHEMA: tuple[Option, ...] = (
     Option("cluster", "advertise", _str, "", "host:port other nodes use to reach this one (default: the cluster listener)."),
     Option("cluster", "heartbeat", _float, 1.0, "Seconds between heartbeats on the peer channel and lease renewals."),
     Option("cluster", "timeout", _float, 5.0, "Seconds without a heartbeat before a peer counts as gone; node lease lifetime."),
+    Option("queue", "retry_min", _float, 300.0, "Seconds before the first retry; the delay doubles each attempt."),
+    Option("queue", "retry_max", _float, 3600.0, "Longest delay between retries."),
+    Option("queue", "lifetime", _float, 432000.0, "Seconds before undelivered mail is bounced (default 5 days)."),
+    Option("queue", "lease_seconds", _float, 60.0, "A node's hold on a message it delivers; renewed every third of it."),
+    Option("queue", "max_connections", _int, 20, "Outgoing SMTP connections per node."),
+    Option("queue", "poll_interval", _float, 15.0, "Seconds between queue scans when no refresh arrives."),
+    Option("queue", "connect_timeout", _float, 30.0, "Seconds to connect to a remote server."),
+    Option("queue", "smtp_port", _int, 25, "Port of MX hosts."),
+    Option("queue", "tls_verify", _bool, False, "Verify remote certificates when STARTTLS is used."),
+    Option("queue", "tls_ca_file", _str, "", "CA bundle for [queue] tls_verify."),
+    Option("submission", "max_messages_per_hour", _int, 500, "Messages one account may submit per hour, all nodes together (0: unlimited)."),
     Option("security", "allow_plaintext_auth", _bool, False, "Allow AUTH/LOGIN without TLS from non-loopback peers."),
     Option("security", "failed_login_delay", _float, 1.0, "Seconds to wait before answering a failed login."),
     Option("security", "max_failed_logins", _int, 10, "Failed logins per client IP per 5 minutes before refusing."),
@@ -173,7 +184,7 @@ class Config:
 
 
 #: Tables allowed in the file beside the schema's sections, with free keys.
-FREE_TABLES = ("routes",)
+FREE_TABLES = ("routes", "throttle")
 
 
 def load(
