@@ -11,7 +11,14 @@ here what other nodes announce.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+log = logging.getLogger("rookery.push")
+
+#: Reads the latest change id of each given account from the store.
+LatestReader = Callable[[list[int]], Awaitable[dict[int, int]]]
 
 
 class Subscription:
@@ -52,6 +59,42 @@ class PushHub:
         self._subs: dict[int, set[Subscription]] = {}
         #: Latest change id seen per account (from local commits or peers).
         self.latest: dict[int, int] = {}
+        self._watch: asyncio.Task[None] | None = None
+
+    def start_watch(self, read_latest: LatestReader) -> None:
+        """Poll the store every ``poll_interval`` for changes to the accounts
+        that have subscribers, and publish those not yet seen.
+
+        This is what bounds how late a change made elsewhere is noticed when
+        no peer message comes: one batched read per interval for the whole
+        node, however many sessions wait (not one read per session).
+        """
+        self._watch = asyncio.create_task(self._watch_loop(read_latest), name="push-watch")
+
+    async def stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+
+    async def _watch_loop(self, read_latest: LatestReader) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            accounts = list(self._subs)
+            if not accounts:
+                continue
+            try:
+                latest = await read_latest(accounts)
+            except Exception:
+                log.exception("push watch: store read failed")
+                continue
+            for account, change_id in latest.items():
+                known = self.latest.get(account)
+                # A first look wakes the account's sessions once (they re-read
+                # from their own MODSEQ, so a needless wake costs one read).
+                if known is None or change_id > known:
+                    self.publish(account, change_id)
 
     def subscribe(self, account: int) -> Subscription:
         sub = Subscription(self, account)

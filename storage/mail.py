@@ -864,6 +864,10 @@ class MailStore:
             self._snapshots.popitem(last=False)
         return snap
 
+    async def last_changes(self, accounts: Sequence[int]) -> dict[int, int]:
+        """The latest change id of each account, in one read (push watch)."""
+        return await self.db.read(lambda tr: {a: last_change(tr, a) for a in accounts})
+
     async def changes(self, acct: int, mbox: int, since: int) -> MailboxChanges:
         """Changes in a mailbox after ``since``.
 

@@ -39,6 +39,9 @@ SERVER_ID = (("name", "Rookery"), ("vendor", "Rookery"), ("version", "0.1.0"))
 ENABLABLE = ("CONDSTORE", "QRESYNC", "UTF8=ACCEPT", "IMAP4REV2")
 #: Commands during which EXPUNGE must not be sent (RFC 9051 §7.5.1).
 NO_EXPUNGE = ("FETCH", "STORE", "SEARCH", "SORT", "THREAD")
+#: Seconds an IDLE session waits for a notification before it looks at the
+#: store anyway (the node's push watch normally wakes it much sooner).
+IDLE_RECHECK = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,7 +538,9 @@ class ImapSession:
         reader = asyncio.ensure_future(self.conn.read_line(self.settings.autologout))
         try:
             while True:
-                waiter = asyncio.ensure_future(self.sub.wait(self.hub.poll_interval)) if self.sub else None
+                # The hub wakes us for local commits, peer messages and its own
+                # store watch; the long timeout is only a last safety net.
+                waiter = asyncio.ensure_future(self.sub.wait(IDLE_RECHECK)) if self.sub else None
                 waits: set[asyncio.Future[object]] = {reader}  # type: ignore[arg-type]
                 if waiter is not None:
                     waits.add(waiter)  # type: ignore[arg-type]
