@@ -392,6 +392,7 @@ class OutboundWorker:
         self._slots: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
@@ -730,11 +731,17 @@ class OutboundWorker:
                 if loop.time() >= deadline or self._stopping:
                     await self._release(held)
                     return False
-                await asyncio.sleep(delay)
+                # A slot freed on this node wakes us at once; one freed on
+                # another node is found by the next try.
+                self._slot_freed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), delay)
                 delay = min(delay * 2, 0.5)
         return True
 
     async def _release(self, held: list[tuple[str, int]]) -> None:
+        if held:
+            self._slot_freed.set()
         for rule, n in held:
             self._slots.discard((rule, n))
             try:
@@ -781,13 +788,15 @@ class OutboundWorker:
                 return False, f"451 4.4.2 Session with {host} failed: {_why(exc)}", True
             temporary = False
             delivered = False
-            for msg, idxs in group.items:
+            # The hourly budget is reserved once for the whole group, not
+            # one store transaction per message.
+            allowed, next_window = await self._take_hourly(rules, len(group.items))
+            for n, (msg, idxs) in enumerate(group.items):
                 if not client.is_connected:
                     break
-                wait = await self._take_hourly(rules)
-                if wait is not None:
+                if n >= allowed:
                     self._settle(_Group(group.domain, route, [(msg, idxs)]), results,
-                                 Outcome(SKIPPED, "4.4.5 destination hourly limit reached", retry_at=wait))
+                                 Outcome(SKIPPED, "4.4.5 destination hourly limit reached", retry_at=next_window))
                     continue
                 try:
                     sent, temp = await self._send(client, host, msg, idxs, results)
@@ -826,13 +835,15 @@ class OutboundWorker:
             else:
                 await client.auth_login(route.username, route.password)
 
-    async def _take_hourly(self, rules: Sequence[ThrottleRule]) -> float | None:
+    async def _take_hourly(self, rules: Sequence[ThrottleRule], count: int) -> tuple[int, float]:
+        """How many of ``count`` messages every hourly rule allows now, and when
+        the next window opens."""
+        allowed, next_window = count, 0.0
         for rule in rules:
-            if rule.max_per_hour > 0:
-                wait = await self.queue.take_hourly(rule.name, rule.max_per_hour, self.clock())
-                if wait is not None:
-                    return wait
-        return None
+            if rule.max_per_hour > 0 and allowed > 0:
+                granted, window = await self.queue.take_hourly(rule.name, rule.max_per_hour, self.clock(), allowed)
+                allowed, next_window = min(allowed, granted), max(next_window, window)
+        return allowed, next_window
 
     async def _send(
         self, client: aiosmtplib.SMTP, host: str, msg: QueuedMessage, idxs: list[int], results: Results

@@ -466,16 +466,20 @@ def release_slot(tr: Transaction, rule: str, n: int, owner: str) -> bool:
     return True
 
 
-def take_hourly(tr: Transaction, rule: str, limit: int, now: float) -> float | None:
-    """Count one message against ``rule``'s hourly limit. Returns ``None`` if
-    allowed, else the time the next window opens."""
+def take_hourly(tr: Transaction, rule: str, limit: int, now: float, count: int = 1) -> tuple[int, float]:
+    """Count up to ``count`` messages against ``rule``'s hourly limit in one go.
+
+    Returns ``(granted, next window start)``: ``granted`` may be less than
+    ``count`` (0 when the window is full). A caller that sends fewer than it
+    was granted has only made the limit stricter, never looser.
+    """
     window = int(now // 3600)
     key = keys.queue_hour(rule, window)
-    if decode_counter(tr.get(key)) >= limit:
-        return (window + 1) * 3600.0
-    tr.add(key, 1)
-    tr.clear_range(*keys.queue_hours_before(rule, window))
-    return None
+    granted = max(0, min(count, limit - decode_counter(tr.get(key))))
+    if granted:
+        tr.add(key, granted)
+        tr.clear_range(*keys.queue_hours_before(rule, window))
+    return granted, (window + 1) * 3600.0
 
 
 def get_backoff(tr: ReadTransaction, dest: str) -> tuple[float, float]:
@@ -729,8 +733,8 @@ class Queue:
     async def release_slot(self, rule: str, n: int, owner: str) -> bool:
         return await self.db.transact(lambda tr: release_slot(tr, rule, n, owner))
 
-    async def take_hourly(self, rule: str, limit: int, now: float) -> float | None:
-        return await self.db.transact(lambda tr: take_hourly(tr, rule, limit, now))
+    async def take_hourly(self, rule: str, limit: int, now: float, count: int = 1) -> tuple[int, float]:
+        return await self.db.transact(lambda tr: take_hourly(tr, rule, limit, now, count))
 
     async def backoff_until(self, dest: str) -> float:
         return (await self.db.read(lambda tr: get_backoff(tr, dest)))[0]

@@ -190,10 +190,14 @@ async def test_connection_slots_hourly_counter_and_backoff(queue: Queue) -> None
     assert await queue.acquire_slot("domain:*", 2, "D", T0 + 31, 30) is None
 
     hour = T0 - T0 % 3600
-    assert await queue.take_hourly("r", 2, hour + 1) is None
-    assert await queue.take_hourly("r", 2, hour + 2) is None
-    assert await queue.take_hourly("r", 2, hour + 3) == hour + 3600
-    assert await queue.take_hourly("r", 2, hour + 3600) is None
+    assert await queue.take_hourly("r", 2, hour + 1) == (1, hour + 3600)
+    assert await queue.take_hourly("r", 2, hour + 2) == (1, hour + 3600)
+    assert await queue.take_hourly("r", 2, hour + 3) == (0, hour + 3600)
+    assert await queue.take_hourly("r", 2, hour + 3600) == (1, hour + 7200)
+    # Several at once: never more than the window has left.
+    assert await queue.take_hourly("r2", 5, hour + 1, count=3) == (3, hour + 3600)
+    assert await queue.take_hourly("r2", 5, hour + 2, count=3) == (2, hour + 3600)
+    assert await queue.take_hourly("r2", 5, hour + 3, count=3) == (0, hour + 3600)
 
     assert await queue.backoff_until("d.test") == 0
     assert await queue.back_off("d.test", T0, 60, 600) == T0 + 60
