@@ -25,6 +25,7 @@ run: $(STAMP)
 	$(BIN)/rookery serve --config deploy/dev.toml
 
 test: $(STAMP) system-deps
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
 clean:

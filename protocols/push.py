@@ -91,10 +91,14 @@ class PushHub:
                 continue
             for account, change_id in latest.items():
                 known = self.latest.get(account)
-                # A first look wakes the account's sessions once (they re-read
-                # from their own MODSEQ, so a needless wake costs one read).
-                if known is None or change_id > known:
-                    self.publish(account, change_id)
+                # The store is the truth: any difference from what we last
+                # heard (including a peer's id that is too high) wakes the
+                # account's sessions, and the store's id is kept. A needless
+                # wake costs each session one read from its own MODSEQ.
+                if known != change_id:
+                    self.latest[account] = change_id
+                    for sub in list(self._subs.get(account, ())):
+                        sub.notify()
 
     def subscribe(self, account: int) -> Subscription:
         sub = Subscription(self, account)

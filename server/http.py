@@ -1,4 +1,4 @@
-"""The HTTP listener: health probes now; JMAP, DAV and metrics mount here.
+"""The HTTP listener: health probes and Prometheus metrics; JMAP and DAV mount here.
 
 uvicorn runs inside the node's loop through ``startup``/``shutdown`` rather
 than ``serve`` so the node, not uvicorn, owns the signal handlers.
@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from . import metrics
 from .node import ServerState, split_hostport
 
 log = logging.getLogger("rookery.http")
@@ -31,7 +32,15 @@ def build_app(state: ServerState) -> Starlette:
         body = {"ready": state.ready and store_ok, "phase": state.phase, "store": store_ok, "node": state.node_id}
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
-    return Starlette(routes=[Route("/healthz/live", live), Route("/healthz/ready", ready)])
+    registry = metrics.build_registry(state)
+
+    async def scrape(request: Request) -> Response:
+        # Sources read in-memory state only: cheap enough for the loop.
+        return Response(metrics.render(registry), media_type=metrics.CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[
+        Route("/healthz/live", live), Route("/healthz/ready", ready), Route("/metrics", scrape),
+    ])
 
 
 class HttpService:

@@ -17,22 +17,29 @@ import signal
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from protocols.push import PushHub
+from protocols.smtp.session import SmtpLimits
 from storage import Storage
-
 from storage.nodes import Nodes
+from storage.queue import Queue
 
 from .cluster import ClusterService, LeaseWorker, PeerChannel
 from .config import Config
+from .metrics import MetricSource, channel_samples, connection_samples
+from .outbound import OutboundWorker, from_config
 from .tls import ensure_self_signed, server_context
 
 log = logging.getLogger("rookery.node")
 
 PURGE_INTERVAL = 600.0
 REAP_INTERVAL = 600.0
+#: Singleton leases live this many [cluster] timeouts: a dead holder's work
+#: moves to another node within about 4/3 of that.
+LEASE_TTL_FACTOR = 3.0
 VERSION = "0.1.0"
 
 
@@ -77,6 +84,9 @@ class ServerState:
     #: Actual ports after binding (port 0 in config picks a free one).
     ports: dict[str, int] = field(default_factory=dict)
     hub: PushHub = field(default_factory=PushHub)
+    #: Extra samples for ``GET /metrics`` (see :mod:`server.metrics`):
+    #: components append a callable returning ``Sample`` tuples.
+    metric_sources: list[MetricSource] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
@@ -118,6 +128,44 @@ class SmtpService:
         self.state = state
         self.address = split_hostport(address, "smtp")
         self.listener = SmtpListener(InboundHandler(state.storage, state.hostname, limits), state.hostname, limits, state.tls)
+
+    async def start(self) -> None:
+        self.state.ports[self.name] = await self.listener.start(*self.address)
+
+    def stop_accepting(self) -> None:
+        self.listener.stop_accepting()
+
+    async def drain(self, deadline: float) -> None:
+        await self.listener.drain(deadline)
+
+    def connections(self) -> int:
+        return len(self.listener.registry)
+
+
+class SubmissionService:
+    """``submission`` (STARTTLS, RFC 6409) or ``submissions`` (implicit TLS, RFC 8314)."""
+
+    def __init__(
+        self, state: ServerState, address: str, name: str, outbound: OutboundWorker, on_queued: Callable[[], None]
+    ) -> None:
+        from protocols.smtp.submission import SubmissionSettings, submission_listener
+
+        from .dkim import DkimSigner
+
+        cfg = state.config
+        smtp = cfg.smtp
+        limits = SmtpLimits(smtp.max_message_size, smtp.max_recipients, smtp.command_timeout, smtp.max_connections)
+        settings = SubmissionSettings(
+            allow_plaintext_auth=cfg.security.allow_plaintext_auth,
+            max_messages_per_hour=cfg.submission.max_messages_per_hour,
+        )
+        self.name = name
+        self.state = state
+        self.address = split_hostport(address, name)
+        self.listener = submission_listener(
+            state.storage, outbound.queue, state.hostname, limits, settings, state.tls,
+            implicit_tls=name == "submissions", signer=DkimSigner(outbound.queue).sign, on_queued=on_queued,
+        )
 
     async def start(self) -> None:
         self.state.ports[self.name] = await self.listener.start(*self.address)
@@ -176,6 +224,7 @@ class Node:
         self.state: ServerState | None = None
         self.services: list[Service] = []
         self.cluster: ClusterService
+        self.outbound: OutboundWorker
 
     def build_services(self, state: ServerState) -> list[Service]:
         from .http import HttpService
@@ -184,11 +233,21 @@ class Node:
         services: list[Service] = []
         if listen.smtp:
             services.append(SmtpService(state, listen.smtp))
+        settings, routes, throttles = from_config(self.config)
+        self.outbound = OutboundWorker(
+            state.storage, Queue(state.storage.db, lifetime=self.config.queue.lifetime), settings,
+            routes=routes, throttles=throttles, node_id=state.node_id,
+        )
+        for name in ("submission", "submissions"):
+            if getattr(listen, name):
+                services.append(SubmissionService(state, getattr(listen, name), name, self.outbound, self.queued))
         for name in ("imap", "imaps"):
             if getattr(listen, name):
                 services.append(ImapService(state, getattr(listen, name), name))
         if listen.http:
             services.append(HttpService(state, listen.http))
+        # After the listeners: it stops last among them and releases its leases.
+        services.append(self.outbound)
         return services
 
     def request_stop(self) -> None:
@@ -204,7 +263,10 @@ class Node:
             state = self.state = ServerState(self.config, storage, tls, self.config.hostname)
             state.hub.poll_interval = self.config.imap.poll_interval
             storage.mail.on_change(state.hub.publish)
+            state.hub.start_watch(storage.mail.last_changes)
+            stack.push_async_callback(state.hub.stop_watch)
             self.services = self.build_services(state)
+            state.metric_sources.append(lambda: connection_samples(self.services))
             self.cluster = await self.start_cluster(state, stack)
             for service in self.services:
                 await service.start()
@@ -251,16 +313,28 @@ class Node:
         cluster = ClusterService(
             nodes, state.node_id, channel=channel, hub=state.hub, version=VERSION,
             heartbeat=cfg.cluster.heartbeat, timeout=cfg.cluster.timeout, started=state.started,
-            load=lambda: (self.open_connections(), 0), on_drain=self.request_stop,
+            load=lambda: (self.open_connections(), self.outbound.held), on_drain=self.request_stop,
         )
+        cluster.subscribe("queue_refresh", lambda msg: self.outbound.refresh())
         await cluster.start()
         stack.push_async_callback(cluster.stop)
         state.storage.mail.on_change(cluster.local_change)
         if channel is not None:
             state.ports["cluster"] = channel.port or 0
-        self.services.append(LeaseWorker(nodes, "purge", state.node_id, state.storage.mail.purge, PURGE_INTERVAL))
-        self.services.append(LeaseWorker(nodes, "reap-nodes", state.node_id, nodes.reap, REAP_INTERVAL))
+            state.metric_sources.append(lambda: channel_samples(channel))
+        # Singleton work is rare, but its lease is renewed (and a dead
+        # holder's taken over) on the cluster's own time scale.
+        ttl = LEASE_TTL_FACTOR * cfg.cluster.timeout
+        self.services.append(LeaseWorker(nodes, "purge", state.node_id, state.storage.mail.purge, PURGE_INTERVAL, ttl))
+        self.services.append(LeaseWorker(nodes, "reap-nodes", state.node_id, nodes.reap, REAP_INTERVAL, ttl))
         return cluster
+
+    def queued(self) -> None:
+        """A message was queued here: this node's worker and every peer's look now."""
+        self.outbound.refresh()
+        cluster = getattr(self, "cluster", None)
+        if cluster is not None:
+            cluster.queue_refresh()
 
     def open_connections(self) -> int:
         return sum(s.connections() for s in self.services if hasattr(s, "connections"))

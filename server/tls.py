@@ -7,6 +7,7 @@ The self-signed pair is written into the data directory on first start
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import os
 import ssl
@@ -29,12 +30,25 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
 
 
 def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
-    """Return (cert, key) paths in ``directory/tls``, creating them if absent."""
+    """Return (cert, key) paths in ``directory/tls``, creating them if absent.
+
+    Nodes started together on one data directory take a file lock, so exactly
+    one of them creates the pair and the others use it.
+    """
     tls_dir = directory / "tls"
     tls_dir.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = tls_dir / "cert.pem", tls_dir / "key.pem"
-    if cert_path.exists() and key_path.exists():
-        return cert_path, key_path
+    with open(tls_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (cert_path.exists() and key_path.exists()):
+                _create(cert_path, key_path, hostname)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return cert_path, key_path
+
+
+def _create(cert_path: Path, key_path: Path, hostname: str) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -54,11 +68,8 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    # Key first: a reader that sees the certificate always finds its key.
-    if not key_path.exists():
-        _write_atomic(key_path, key_pem, 0o600)
-        _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return cert_path, key_path
+    _write_atomic(key_path, key_pem, 0o600)
+    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def server_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl.SSLContext:

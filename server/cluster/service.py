@@ -30,6 +30,8 @@ log = logging.getLogger("rookery.cluster")
 
 #: How long a stopped node waits for its state to reach peers.
 LEAVE_FLUSH = 0.5
+#: Default lifetime of a :class:`LeaseWorker` lease, in seconds.
+LEASE_TTL = 10.0
 #: Store states -> what the channel announces.
 _CHANNEL_STATE = {"joining": "joining", "ready": "ready", "draining": "draining", "gone": "leaving"}
 
@@ -180,13 +182,14 @@ class ClusterService:
 class LeaseWorker:
     """Runs ``work()`` every ``interval`` seconds on one node at a time.
 
-    Each round the node takes (or renews) lease ``name`` for ``ttl`` seconds;
-    only the holder works. While ``work`` runs the lease is renewed every
-    ``ttl / 3`` s, and if renewal fails (the store says another node has it)
-    the work is cancelled. The holder keeps the lease from round to round when
-    ``ttl > interval``; when it dies, another node takes over within ``ttl +
-    interval``. A clean stop releases the lease at once. ``work`` must be safe
-    to run again after a cancellation (it is store work: idempotent).
+    Every node tries to take (or renew) lease ``name`` for ``ttl`` seconds
+    every ``ttl / 3`` s, whatever ``interval`` is, so the holder keeps it and,
+    when the holder dies, another node takes over within ``4/3 ttl``; only the
+    holder works, at once when it gets the lease and then every ``interval``
+    seconds. While ``work`` runs the lease is renewed too, and if renewal
+    fails (the store says another node has it) the work is cancelled. A clean
+    stop releases the lease at once. ``work`` must be safe to run again after
+    a cancellation or a failover (it is store work: idempotent).
 
     Sharded work: one worker per shard (``name = "purge/3"``).
     """
@@ -206,7 +209,7 @@ class LeaseWorker:
         self.owner = owner
         self.work = work
         self.interval = interval
-        self.ttl = ttl if ttl is not None else max(2 * interval, 10.0)
+        self.ttl = ttl if ttl is not None else LEASE_TTL
         self.runs = 0
         self.held = False
         self.task: asyncio.Task[None] | None = None
@@ -240,8 +243,10 @@ class LeaseWorker:
         return self.held
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = 0.0  # loop time of the next round of work
         while True:
-            if await self._acquire():
+            if await self._acquire() and loop.time() >= due:
                 job = asyncio.create_task(self._work_once())
                 try:
                     while not job.done():
@@ -253,7 +258,11 @@ class LeaseWorker:
                     job.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await job
-            await asyncio.sleep(self.interval)
+                due = loop.time() + self.interval
+            # Renew (or watch for a dead holder) well within the ttl, even
+            # when the work itself is rare.
+            wait = self.ttl / 3 if not self.held else min(self.ttl / 3, due - loop.time())
+            await asyncio.sleep(max(wait, 0.0))
 
     async def _work_once(self) -> None:
         try:

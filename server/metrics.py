@@ -1,0 +1,152 @@
+"""Prometheus metrics, read from live state at scrape time.
+
+Nothing is counted in module globals: each HTTP listener builds its own
+:class:`~prometheus_client.CollectorRegistry` (:func:`build_registry`) with one
+:class:`StateCollector` over the node's :class:`~server.node.ServerState`. At
+every scrape the collector asks each *metric source* in
+``ServerState.metric_sources`` for its samples. A source is a plain callable
+returning :class:`Sample` tuples; a component that wants to be measured (the
+peer channel, the outbound queue, ...) appends one::
+
+    state.metric_sources.append(lambda: [
+        Sample("rookery_queue_messages", "Messages in the outbound queue.", "gauge", len(q)),
+    ])
+
+Sources run on the event loop: they must only read in-memory state (never the
+store) and return quickly. One that raises is logged and skipped, so a broken
+source costs its own samples, not the scrape.
+
+Names follow Prometheus conventions: counters are given without ``_total``
+(``prometheus_client`` adds it), all names start with ``rookery_``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .node import ServerState
+
+log = logging.getLogger("rookery.metrics")
+
+__all__ = ["CONTENT_TYPE_LATEST", "MetricSource", "Sample", "StateCollector", "build_registry", "render"]
+
+PHASES = ("starting", "ready", "draining", "stopped")
+
+
+class Sample(NamedTuple):
+    """One value of one metric. Samples of the same ``name`` form one family
+    and must carry the same label names."""
+
+    name: str
+    help: str
+    type: str  # "gauge" or "counter"
+    value: float
+    labels: Mapping[str, str] = {}
+
+
+MetricSource = Callable[[], Iterable[Sample]]
+
+
+def state_samples(state: ServerState) -> Iterator[Sample]:
+    """What every node has: its phase, start time and push subscriptions."""
+    for phase in PHASES:
+        yield Sample(
+            "rookery_node_phase", "1 for the node's current lifecycle phase, 0 for the others.",
+            "gauge", float(state.phase == phase), {"phase": phase},
+        )
+    yield Sample("rookery_node_start_time_seconds", "When the node process started (Unix time).", "gauge", state.started)
+    yield Sample(
+        "rookery_push_subscriptions", "Open push subscriptions (IMAP sessions logged in, IDLE or not).",
+        "gauge", float(state.hub.sessions()),
+    )
+
+
+def store_samples(db: Any) -> Iterator[Sample]:
+    """Group-commit counters of the embedded store (absent on other backends)."""
+    batches, commits = getattr(db, "batches", None), getattr(db, "commits", None)
+    if isinstance(batches, int):
+        yield Sample("rookery_store_group_commits", "Group commits (one fsync each) done by this process.", "counter", batches)
+    if isinstance(commits, int):
+        yield Sample("rookery_store_commits", "Transactions committed by this process.", "counter", commits)
+
+
+class StateCollector(Collector):
+    """A custom collector: built-in state samples plus every metric source."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    def _sources(self) -> list[MetricSource]:
+        state = self.state
+        return [lambda: state_samples(state), lambda: store_samples(state.storage.db), *state.metric_sources]
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        label_names: dict[str, tuple[str, ...]] = {}
+        for source in self._sources():
+            try:
+                samples = list(source())
+            except Exception:
+                log.exception("metric source %r failed", source)
+                continue
+            for sample in samples:
+                family = families.get(sample.name)
+                if family is None:
+                    names = tuple(sorted(sample.labels))
+                    family = families[sample.name] = (
+                        CounterMetricFamily(sample.name, sample.help, labels=names)
+                        if sample.type == "counter"
+                        else GaugeMetricFamily(sample.name, sample.help, labels=names)
+                    )
+                    label_names[sample.name] = names
+                names = label_names[sample.name]
+                if tuple(sorted(sample.labels)) != names:
+                    log.warning("metric %s: label names %s differ from %s; sample skipped", sample.name, sorted(sample.labels), names)
+                    continue
+                family.add_metric([str(sample.labels[n]) for n in names], float(sample.value))
+        yield from families.values()
+
+
+def build_registry(state: ServerState) -> CollectorRegistry:
+    # auto_describe=False: registering does not collect (the state may not
+    # be complete yet); names are only checked at scrape time.
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(state))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+def channel_samples(channel: Any) -> Iterator[Sample]:
+    """The peer channel: every counter in ``channel.metrics``, and membership."""
+    for name, value in channel.metrics.items():
+        yield Sample(f"rookery_peer_{name}", f"Peer channel: {name.replace('_', ' ')}.", "counter", value)
+    members = channel.members()
+    yield Sample("rookery_peer_members", "Other nodes heard from recently.", "gauge", len(members))
+    yield Sample(
+        "rookery_peer_members_alive", "Other nodes heard from within [cluster] timeout.", "gauge",
+        sum(1 for m in members if m.alive),
+    )
+    peers = [p for p in channel.peers() if p.source != "self"]
+    yield Sample("rookery_peer_addresses", "Peer addresses this node sends to.", "gauge", len(peers))
+    yield Sample("rookery_peer_connected", "Peer addresses with an open connection.", "gauge", sum(1 for p in peers if p.connected))
+    yield Sample("rookery_peer_queued", "Frames waiting in peer queues.", "gauge", sum(p.queued for p in peers))
+
+
+def connection_samples(services: Iterable[Any]) -> Iterator[Sample]:
+    """Open client connections of every listener that counts them."""
+    for service in services:
+        if hasattr(service, "connections"):
+            yield Sample(
+                "rookery_open_connections", "Open client connections per listener.", "gauge",
+                service.connections(), {"listener": service.name},
+            )
