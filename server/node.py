@@ -116,18 +116,25 @@ def open_storage(config: Config) -> Storage:
     )
 
 
-class SmtpService:
-    name = "smtp"
+class _Listener(Protocol):
+    async def start(self, host: str, port: int) -> int: ...
 
-    def __init__(self, state: ServerState, address: str) -> None:
-        from protocols.smtp.server import SmtpListener
-        from protocols.smtp.session import InboundHandler, SmtpLimits
+    def stop_accepting(self) -> None: ...
 
-        cfg = state.config.smtp
-        limits = SmtpLimits(cfg.max_message_size, cfg.max_recipients, cfg.command_timeout, cfg.max_connections)
+    async def drain(self, deadline: float) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+class ListenerService:
+    """A protocol listener as a node service: bind, stop accepting, drain."""
+
+    listener: _Listener
+
+    def __init__(self, state: ServerState, address: str, name: str) -> None:
+        self.name = name
         self.state = state
-        self.address = split_hostport(address, "smtp")
-        self.listener = SmtpListener(InboundHandler(state.storage, state.hostname, limits), state.hostname, limits, state.tls)
+        self.address = split_hostport(address, name)
 
     async def start(self) -> None:
         self.state.ports[self.name] = await self.listener.start(*self.address)
@@ -139,10 +146,28 @@ class SmtpService:
         await self.listener.drain(deadline)
 
     def connections(self) -> int:
-        return len(self.listener.registry)
+        return len(self.listener)
 
 
-class SubmissionService:
+def smtp_limits(config: Config) -> SmtpLimits:
+    cfg = config.smtp
+    return SmtpLimits(cfg.max_message_size, cfg.max_recipients, cfg.command_timeout, cfg.max_connections)
+
+
+class SmtpService(ListenerService):
+    """The inbound MX."""
+
+    def __init__(self, state: ServerState, address: str) -> None:
+        from protocols.smtp.server import SmtpListener
+        from protocols.smtp.session import InboundHandler
+
+        super().__init__(state, address, "smtp")
+        limits = smtp_limits(state.config)
+        handler = InboundHandler(state.storage, state.hostname, limits)
+        self.listener = SmtpListener(handler, state.hostname, limits, state.tls)
+
+
+class SubmissionService(ListenerService):
     """``submission`` (STARTTLS, RFC 6409) or ``submissions`` (implicit TLS, RFC 8314)."""
 
     def __init__(
@@ -152,39 +177,24 @@ class SubmissionService:
 
         from .dkim import DkimSigner
 
+        super().__init__(state, address, name)
         cfg = state.config
-        smtp = cfg.smtp
-        limits = SmtpLimits(smtp.max_message_size, smtp.max_recipients, smtp.command_timeout, smtp.max_connections)
         settings = SubmissionSettings(
             allow_plaintext_auth=cfg.security.allow_plaintext_auth,
             max_messages_per_hour=cfg.submission.max_messages_per_hour,
         )
-        self.name = name
-        self.state = state
-        self.address = split_hostport(address, name)
         self.listener = submission_listener(
-            state.storage, outbound.queue, state.hostname, limits, settings, state.tls,
+            state.storage, outbound.queue, state.hostname, smtp_limits(cfg), settings, state.tls,
             implicit_tls=name == "submissions", signer=DkimSigner(outbound.queue).sign, on_queued=on_queued,
         )
 
-    async def start(self) -> None:
-        self.state.ports[self.name] = await self.listener.start(*self.address)
 
-    def stop_accepting(self) -> None:
-        self.listener.stop_accepting()
-
-    async def drain(self, deadline: float) -> None:
-        await self.listener.drain(deadline)
-
-    def connections(self) -> int:
-        return len(self.listener.registry)
-
-
-class ImapService:
+class ImapService(ListenerService):
     def __init__(self, state: ServerState, address: str, name: str) -> None:
         from protocols.imap.server import ImapListener
         from protocols.imap.session import ImapSettings
 
+        super().__init__(state, address, name)
         cfg = state.config
         settings = ImapSettings(
             hostname=state.hostname,
@@ -194,25 +204,10 @@ class ImapService:
             max_bad_commands=cfg.imap.max_bad_commands,
             autologout=cfg.imap.autologout,
         )
-        self.name = name
-        self.state = state
-        self.address = split_hostport(address, name)
         self.listener = ImapListener(
             state.storage, state.hub, settings, state.tls,
             implicit_tls=name == "imaps", max_connections=cfg.imap.max_connections,
         )
-
-    async def start(self) -> None:
-        self.state.ports[self.name] = await self.listener.start(*self.address)
-
-    def stop_accepting(self) -> None:
-        self.listener.stop_accepting()
-
-    async def drain(self, deadline: float) -> None:
-        await self.listener.drain(deadline)
-
-    def connections(self) -> int:
-        return len(self.listener.connections)
 
 
 class Node:

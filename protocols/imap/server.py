@@ -262,6 +262,9 @@ class ImapListener:
         log.info("imap%s listening on %s:%s", "s" if self.implicit_tls else "", sockname[0], sockname[1])
         return int(sockname[1])
 
+    def __len__(self) -> int:
+        return len(self.connections)
+
     def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()

@@ -198,27 +198,42 @@ class SmtpListener:
         self.registry = SessionRegistry(limits.max_connections)
         self.server: asyncio.base_events.Server | None = None
 
-    def _factory(self) -> RookerySMTP:
-        return RookerySMTP(
-            self.handler,
-            self.registry,
-            data_size_limit=self.limits.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=self.hostname,
-            ident="Rookery ESMTP",
-            tls_context=self.tls_context,
-            timeout=self.limits.command_timeout,
+    #: The protocol class and the log name of this kind of listener.
+    protocol: type[RookerySMTP] = RookerySMTP
+    kind = "smtp"
+
+    def _options(self) -> dict[str, Any]:
+        """aiosmtpd settings of each connection; subclasses adjust them."""
+        return {
+            "data_size_limit": self.limits.max_message_size,
+            "enable_SMTPUTF8": True,
+            "decode_data": False,
+            "hostname": self.hostname,
+            "ident": "Rookery ESMTP",
+            "tls_context": self.tls_context,
+            "timeout": self.limits.command_timeout,
             # The MX takes no AUTH; submission is a different listener.
-            auth_require_tls=True,
-            auth_exclude_mechanism=["LOGIN", "PLAIN"],
-        )
+            "auth_require_tls": True,
+            "auth_exclude_mechanism": ["LOGIN", "PLAIN"],
+        }
+
+    def _factory(self) -> RookerySMTP:
+        return self.protocol(self.handler, self.registry, **self._options())
+
+    def _server_ssl(self) -> ssl.SSLContext | None:
+        """TLS on the listening socket itself (implicit TLS); none for the MX."""
+        return None
 
     async def start(self, host: str, port: int) -> int:
-        self.server = await asyncio.get_running_loop().create_server(self._factory, host, port, reuse_address=True)
+        self.server = await asyncio.get_running_loop().create_server(
+            self._factory, host, port, reuse_address=True, ssl=self._server_ssl()
+        )
         sockname = self.server.sockets[0].getsockname()
-        log.info("smtp listening on %s:%s", sockname[0], sockname[1])
+        log.info("%s listening on %s:%s", self.kind, sockname[0], sockname[1])
         return int(sockname[1])
+
+    def __len__(self) -> int:
+        return len(self.registry)
 
     def stop_accepting(self) -> None:
         if self.server is not None:

@@ -57,6 +57,7 @@ from .session import (
     OK_RCPT,
     TEMP_FAILURE,
     TOO_MANY_RECIPIENTS,
+    InboundHandler,
     SmtpLimits,
     new_queue_id,
     peer_text,
@@ -236,11 +237,7 @@ class SubmissionHandler:
 
     # -- envelope -------------------------------------------------------------------
 
-    async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
-    ) -> list[str]:
-        session.host_name = hostname
-        return responses[:-1] + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+    handle_EHLO = InboundHandler.handle_EHLO
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
@@ -435,31 +432,25 @@ class SubmissionListener(SmtpListener):
         if implicit_tls and tls_context is None:
             raise ValueError("implicit TLS needs a TLS context")
 
-    def _factory(self) -> RookerySMTP:
-        return SubmissionSMTP(
-            self.handler,
-            self.registry,
-            data_size_limit=self.limits.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=self.hostname,
-            ident="Rookery ESMTP",
+    protocol = SubmissionSMTP
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "submissions" if self.implicit_tls else "submission"
+
+    def _options(self) -> dict[str, Any]:
+        options = super()._options()
+        del options["auth_exclude_mechanism"]
+        options.update(
             # Implicit TLS is set up by the server socket; no STARTTLS on top.
             tls_context=None if self.implicit_tls else self.tls_context,
-            timeout=self.limits.command_timeout,
             auth_required=True,
-            auth_require_tls=True,
             authenticator=self.handler.authenticator,  # type: ignore[attr-defined]
         )
+        return options
 
-    async def start(self, host: str, port: int) -> int:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            self._factory, host, port, reuse_address=True, ssl=self.tls_context if self.implicit_tls else None
-        )
-        sockname = self.server.sockets[0].getsockname()
-        log.info("submission%s listening on %s:%s", "s" if self.implicit_tls else "", sockname[0], sockname[1])
-        return int(sockname[1])
+    def _server_ssl(self) -> ssl.SSLContext | None:
+        return self.tls_context if self.implicit_tls else None
 
 
 def submission_listener(
