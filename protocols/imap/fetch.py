@@ -91,6 +91,15 @@ def _section_range(structure: mime.Message, item: FetchItem) -> _Range:
     return _Range(msg.root.header_start, msg.root.body_start)
 
 
+def _text_literal(data: bytes) -> bytes:
+    """A literal for BODY[...]/RFC822 data. RFC 9051 §4.3: a literal cannot
+    hold NUL (only BINARY's literal8 can), so NUL goes out as 0x80, as Dovecot
+    does; the stored message is untouched and BINARY[] returns it exactly."""
+    if b"\x00" in data:
+        data = data.replace(b"\x00", b"\x80")
+    return r.literal(data)
+
+
 def _partial(data: bytes, item: FetchItem) -> bytes:
     if item.partial is None:
         return data
@@ -198,14 +207,14 @@ class Renderer:
         if name == "BODY" and item.section is None:
             return b"BODY " + r.render_bodystructure(structure.root, False, utf8=self.utf8)
         if name == "RFC822":
-            return b"RFC822 " + r.literal(await self.read_raw(email, 0, None))
+            return b"RFC822 " + _text_literal(await self.read_raw(email, 0, None))
         if name == "RFC822.HEADER":
-            return b"RFC822.HEADER " + r.literal(await self.read_raw(email, 0, structure.root.body_start))
+            return b"RFC822.HEADER " + _text_literal(await self.read_raw(email, 0, structure.root.body_start))
         if name == "RFC822.TEXT":
             start = structure.root.body_start
-            return b"RFC822.TEXT " + r.literal(await self.read_raw(email, start, structure.root.end - start))
+            return b"RFC822.TEXT " + _text_literal(await self.read_raw(email, start, structure.root.end - start))
         if name == "BODY":
-            return item.label() + b" " + r.literal(await self._body_section(email, structure, item))
+            return item.label() + b" " + _text_literal(await self._body_section(email, structure, item))
         if name in ("BINARY", "BINARY.SIZE"):
             decoded = await self._binary(email, structure, item)
             if name == "BINARY.SIZE":

@@ -667,6 +667,7 @@ class ImapSession:
         uids = [u for _, u in pairs if u in sel.msgs and u not in sel.pending_expunge]
         changed, failed = await self.storage.mail.store_flags(self._acct(), sel.mailbox.id, uids, mode, cmd.flags, cmd.unchangedsince)
         sel.note_own(changed)
+        known_keywords = len(sel.keywords)
         sel.keywords.update(f for m in changed for f in m.flags if not f.startswith("\\"))
         failed_set = set(failed)
         changed_uids = {m.uid for m in changed}
@@ -685,6 +686,9 @@ class ImapSession:
             if self.condstore:
                 items.append(b"MODSEQ (%d)" % msg.modseq)
             lines.append(b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n")
+        if len(sel.keywords) != known_keywords:
+            # A new keyword: the client's FLAGS list grows (RFC 9051 §7.3.5).
+            lines.insert(0, sel.flags_line())
         lines += await self.updates("STORE", cmd.uid)
         if failed:
             ids = failed if cmd.uid else [seq for seq, uid in pairs if uid in failed_set]

@@ -305,3 +305,33 @@ async def test_mailbox_names_in_and_out(storage: Storage, hub: PushHub, alice: i
     # With UTF8=ACCEPT, names are taken as UTF-8, not decoded from mUTF-7.
     await s.ok("CREATE Entw&APw-rfe")
     assert "Entw&APw-rfe" in [b.name for b in await storage.mail.mailboxes(alice)]
+
+
+# -- NUL in literals, FLAGS after a session's own new keyword ----------------------------------------------
+
+
+async def test_nul_bytes_never_go_out_in_a_plain_literal(storage: Storage, hub: PushHub, alice: int) -> None:
+    raw = b"From: a@remote.test\r\nSubject: nul\r\nContent-Type: application/octet-stream\r\n" \
+          b"Content-Transfer-Encoding: binary\r\n\r\nab\x00cd\r\n"
+    await storage.mail.append(alice, "INBOX", raw)
+    s = Script(storage, hub, FakeConn(loopback=True))
+    await s.ok("LOGIN alice@example.org secret")
+    await s.ok("SELECT INBOX")
+    body = b"".join(await s.ok("FETCH 1 (BODY.PEEK[] RFC822.TEXT)"))
+    assert b"\x00" not in body and body.count(b"ab\x80cd") == 2
+    # BINARY[] carries the exact bytes, in a literal8 (RFC 3516 §4.2).
+    binary = b"".join(await s.ok("FETCH 1 (BINARY.PEEK[1])"))
+    assert b"~{" in binary and b"ab\x00cd" in binary
+
+
+async def test_own_store_of_a_new_keyword_updates_flags(storage: Storage, hub: PushHub, alice: int) -> None:
+    await storage.mail.append(alice, "INBOX", MESSAGE)
+    s = Script(storage, hub, FakeConn(loopback=True))
+    await s.ok("LOGIN alice@example.org secret")
+    select = b"".join(await s.ok("SELECT INBOX"))
+    assert b"$Project" not in select
+    lines = await s.ok("STORE 1 +FLAGS ($Project)")
+    assert lines[0].startswith(b"* FLAGS (") and b"$Project" in lines[0]
+    # Known from now on: a second STORE of it sends no FLAGS again.
+    lines = await s.ok("STORE 1 -FLAGS ($Project)")
+    assert not any(line.startswith(b"* FLAGS") for line in lines)
