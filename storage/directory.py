@@ -32,6 +32,8 @@ MAX_DOMAIN = 255
 #: Dovecot's ``recipient_delimiter`` default: user+tag@example.com reaches user.
 RECIPIENT_DELIMITER = "+"
 FAILED_LOGIN_WINDOW = 300.0
+#: Client addresses whose failed logins are remembered at once (per node).
+MAX_TRACKED_CLIENTS = 100_000
 
 _DOMAIN_RE = re.compile(r"^(?=.{1,255}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\u0080-\U0010ffff]{1,64}$")
@@ -359,6 +361,14 @@ class Directory:
             self._failures.pop(remote, None)
         return window
 
+    def _prune_failures(self) -> None:
+        """Forget clients whose failures are all older than the window, so a
+        flood from many addresses cannot grow this table without bound."""
+        for remote in list(self._failures):
+            self._recent_failures(remote)
+        while len(self._failures) >= MAX_TRACKED_CLIENTS:
+            self._failures.pop(next(iter(self._failures)))
+
     def _fingerprint(self, password: str) -> bytes:
         return hmac.new(self._secret, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
 
@@ -374,6 +384,8 @@ class Directory:
             raise AuthenticationFailed("too many failed logins; try again later")
         account = await self._check(username, password)
         if account is None:
+            if len(self._failures) >= MAX_TRACKED_CLIENTS:
+                self._prune_failures()
             self._failures.setdefault(remote, deque()).append(time.monotonic())
             await asyncio.sleep(self.failed_login_delay)
             raise AuthenticationFailed("invalid user name or password")

@@ -79,3 +79,15 @@ async def test_invalid_addresses_are_refused(storage: Storage, bad: str) -> None
     await storage.directory.add_domain("c.org")
     with pytest.raises(InvalidInput):
         await storage.directory.add_account(bad, "pw")
+
+
+async def test_failed_login_table_stays_bounded(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    from storage import directory
+
+    monkeypatch.setattr(directory, "MAX_TRACKED_CLIENTS", 5)
+    storage.directory.failed_login_delay = 0
+    await make_account(storage, "alice@example.org", "pw")
+    for i in range(20):
+        with pytest.raises(AuthenticationFailed):
+            await storage.directory.login("alice@example.org", "wrong", f"10.1.0.{i}")
+    assert len(storage.directory._failures) <= 5
