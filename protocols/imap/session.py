@@ -635,8 +635,18 @@ class ImapSession:
         if needs_email(cmd.items) and msgs:
             emails = await self.storage.mail.emails(acct, [m.email_id for _, m in msgs])
         with_modseq = cmd.changedsince is not None or (self.condstore and bool(seen_changed))
-        if all(i.name in SIMPLE_ITEMS for i in cmd.items):
-            # The common flag sync (UID FETCH 1:* (FLAGS)): no await per message.
+        names = {i.name for i in cmd.items}
+        if names <= {"UID", "FLAGS"} and "FLAGS" in names and (cmd.uid or "UID" in names) and not (
+            with_modseq or seen_changed
+        ):
+            # The flag sync every client runs on every mailbox, in one format.
+            lines += [
+                b"* %d FETCH (UID %d FLAGS (%s))\r\n" % (seq, msg.uid, " ".join(msg.flags).encode())
+                for seq, msg in msgs
+            ]
+            msgs = []
+        elif names <= SIMPLE_ITEMS:
+            # Items from the message record alone: no await per message.
             lines += [
                 render_record(seq, msg, cmd.items, with_uid=cmd.uid, with_modseq=with_modseq,
                               flags_changed=msg.uid in seen_changed)

@@ -177,6 +177,24 @@ def _deliver(job: _Job, result: Any, error: BaseException | None) -> None:
         pass  # the caller's loop is gone: nobody is waiting any more
 
 
+def _deliver_all(jobs: list[_Job]) -> None:
+    """Hand a whole group commit's results over with one wake-up per loop,
+    not one per transaction (each wake-up is a write to the loop's pipe)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+    for job in jobs:
+        by_loop.setdefault(job.loop, []).append(job)
+    for loop, group in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_many, [(j.future, j.result) for j in group])
+        except RuntimeError:
+            pass  # the caller's loop is gone: nobody is waiting any more
+
+
+def _resolve_many(results: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, result in results:
+        _resolve(future, result, None)
+
+
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.done():
         return
@@ -331,8 +349,7 @@ class EmbeddedDatabase:
             return self._requeue(done + retry, exc)
         self.batches += 1
         self.commits += len(done)
-        for job in done:
-            _deliver(job, job.result, None)
+        _deliver_all(done)
         return self._requeue(retry, NotCommitted("conflict"))
 
     def _requeue(self, jobs: list[_Job], cause: BaseException) -> list[_Job]:
