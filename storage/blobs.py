@@ -114,12 +114,20 @@ def read_range(tr: ReadTransaction, digest: bytes, start: int = 0, length: int |
 
 
 async def read(db: Database, digest: bytes, start: int = 0, length: int | None = None) -> bytes:
-    """Read a (part of a) blob, several transactions for large ones."""
-    size = await db.read(lambda tr: size_of(tr, digest))
-    if size is None:
-        return b""
-    end = size if length is None else min(size, start + length)
-    parts = [part async for part in stream(db, digest, start, end)]
+    """Read a (part of a) blob: one transaction when it fits in one piece
+    (nearly every message), several for large ones."""
+
+    def first(tr: ReadTransaction) -> tuple[int | None, bytes]:
+        size = size_of(tr, digest)
+        if size is None:
+            return None, b""
+        end = size if length is None else min(size, start + length)
+        return end, read_range(tr, digest, start, min(end - start, WRITE_BATCH))
+
+    end, head = await db.read(first)
+    if end is None or start + len(head) >= end:
+        return head
+    parts = [head] + [part async for part in stream(db, digest, start + len(head), end)]
     return b"".join(parts)
 
 

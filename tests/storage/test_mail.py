@@ -168,3 +168,15 @@ async def test_remove_account_drops_its_data(store: Storage) -> None:
     await store.remove_account("alice@example.org")
     left = await store.db.read(lambda tr: tr.get_range(*keys.account_data(acct)))
     assert left == []
+
+
+async def test_blob_reads_across_pieces(store: Storage) -> None:
+    data = bytes(range(256)) * ((blobs.WRITE_BATCH + 3 * blobs.CHUNK_SIZE) // 256 + 7)
+    digest = blobs.digest_of(data)
+    await blobs.put_large(store.db, digest, data)
+    assert await blobs.read(store.db, digest) == data
+    start = blobs.WRITE_BATCH - 5
+    assert await blobs.read(store.db, digest, start, 100) == data[start : start + 100]
+    assert await blobs.read(store.db, digest, 3, None) == data[3:]
+    assert await blobs.read(store.db, digest, len(data) + 10, 5) == b""
+    assert await blobs.read(store.db, b"\0" * 32) == b""
