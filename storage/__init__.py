@@ -60,6 +60,11 @@ class Storage:
         return await self.db.read(fn)
 
     async def remove_account(self, email: str) -> None:
+        """Remove an account and all its mail: messages first, in chunked
+        transactions, then the account and what is left, in one."""
+        account = await self.directory.get(email)
+        for box in await self.mail.mailboxes(account.id):
+            await self.mail.empty_mailbox(account.id, box.id)
         await self.directory.remove_account(email, on_remove=mail.remove_account_data)
 
     async def ping(self) -> bool:

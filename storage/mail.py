@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import json
 import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from . import blobs, keys, mime
 from .directory import get_account
@@ -65,6 +67,9 @@ PARSE_INLINE_MAX = 256 * 1024
 
 ChangeHook = Callable[[int, int, frozenset[str]], None]
 _MESSAGE = struct.Struct(">IQQqQ")
+#: Messages per transaction for operations on many messages (STORE, EXPUNGE,
+#: COPY, MOVE, DELETE): keeps each well inside 10 MB and 5 s.
+CHUNK = 2000
 #: Mailbox snapshots kept per node (validated against the store at each use).
 SNAPSHOT_CACHE = 256
 
@@ -556,6 +561,28 @@ def _destroy_email(tr: Transaction, acct: int, email_id: int) -> None:
     blobs.unlink(tr, digest, acct, email_id)
 
 
+def _to_mailbox(
+    tr: Transaction, *, op: Callable[..., tuple[int, list[tuple[int, int]]]], acct: int, src: int,
+    uids: Sequence[int], dst: str,
+) -> tuple[int, list[tuple[int, int]]]:
+    return op(tr, acct, src, uids, find_mailbox(tr, acct, dst).id)
+
+
+def _chunks(items: Sequence[int]) -> list[Sequence[int]]:
+    return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+
+
+def _drop_messages(tr: Transaction, *, acct: int, mbox: int, uids: Sequence[int]) -> None:
+    """Remove messages from a mailbox that is being deleted (no EXPUNGE record:
+    the whole mailbox goes)."""
+    msgs = [m for m in (get_message(tr, acct, mbox, u) for u in uids) if m is not None]
+    for m in msgs:
+        _count(tr, acct, mbox, m, -1)
+    _remove_messages(tr, acct, mbox, msgs, modseq=None)
+    if msgs:
+        record_change(tr, acct, ["Email", "Thread"], [mbox])
+
+
 def expunge(tr: Transaction, acct: int, mbox: int, uids: Sequence[int] | None = None) -> list[int]:
     """Remove messages flagged \\Deleted (only those in ``uids`` if given:
     UID EXPUNGE, RFC 4315 §2.1). Returns the expunged UIDs."""
@@ -891,7 +918,22 @@ class MailStore:
         return await self.write(acct, lambda tr: create_mailbox(tr, acct, name, special_use), ("Mailbox",))  # type: ignore[return-value]
 
     async def delete_mailbox(self, acct: int, name: str) -> None:
+        """DELETE: the messages go first, CHUNK at a time (a big mailbox would
+        not fit FoundationDB's 10 MB / 5 s), then the mailbox itself."""
+        box = await self.mailbox(acct, name)
+        if box.name == "INBOX":
+            raise Forbidden("INBOX cannot be deleted")
+        if not await self.db.read(lambda tr: _children(tr, acct, box.name)):
+            await self.empty_mailbox(acct, box.id)
         await self.write(acct, lambda tr: delete_mailbox(tr, acct, name), ("Mailbox", "Email"))
+
+    async def empty_mailbox(self, acct: int, mbox: int) -> None:
+        """Remove every message of a mailbox, CHUNK per transaction."""
+        while True:
+            uids = await self.db.read(lambda tr: [m.uid for m in get_messages(tr, acct, mbox)[:CHUNK]])
+            if not uids:
+                return
+            await self.write(acct, functools.partial(_drop_messages, acct=acct, mbox=mbox, uids=uids))
 
     async def rename_mailbox(self, acct: int, old: str, new: str) -> None:
         await self.write(acct, lambda tr: rename_mailbox(tr, acct, old, new), ("Mailbox", "Email"))
@@ -902,22 +944,45 @@ class MailStore:
     async def store_flags(
         self, acct: int, mbox: int, uids: Sequence[int], mode: str, flags: Iterable[str], unchangedsince: int | None = None
     ) -> tuple[list[Message], list[int]]:
-        return await self.write(acct, lambda tr: store_flags(tr, acct, mbox, uids, mode, flags, unchangedsince))  # type: ignore[return-value]
+        """STORE, CHUNK messages per transaction (each chunk is atomic)."""
+        wanted = tuple(flags)
+        changed: list[Message] = []
+        failed: list[int] = []
+        for part in _chunks(uids):
+            result = await self.write(acct, functools.partial(
+                store_flags, acct=acct, mbox=mbox, uids=part, mode=mode, flags=wanted, unchangedsince=unchangedsince
+            ))
+            c, f = cast(tuple[list[Message], list[int]], result)
+            changed += c
+            failed += f
+        return changed, failed
 
     async def expunge(self, acct: int, mbox: int, uids: Sequence[int] | None = None) -> list[int]:
-        return await self.write(acct, lambda tr: expunge(tr, acct, mbox, uids))  # type: ignore[return-value]
+        """EXPUNGE (of ``uids`` only, for UID EXPUNGE), CHUNK per transaction."""
+        if uids is None:
+            uids = await self.db.read(lambda tr: [m.uid for m in get_messages(tr, acct, mbox) if DELETED in m.flags])
+        gone: list[int] = []
+        for part in _chunks(uids):
+            gone += await self.write(acct, functools.partial(expunge, acct=acct, mbox=mbox, uids=part))  # type: ignore[arg-type]
+        return gone
 
     async def copy(self, acct: int, src: int, uids: Sequence[int], dst: str) -> tuple[int, list[tuple[int, int]]]:
-        def fn(tr: Transaction) -> tuple[int, list[tuple[int, int]]]:
-            return copy_messages(tr, acct, src, uids, find_mailbox(tr, acct, dst).id)
-
-        return await self.write(acct, fn)  # type: ignore[return-value]
+        return await self._copy_or_move(copy_messages, acct, src, uids, dst)
 
     async def move(self, acct: int, src: int, uids: Sequence[int], dst: str) -> tuple[int, list[tuple[int, int]]]:
-        def fn(tr: Transaction) -> tuple[int, list[tuple[int, int]]]:
-            return move_messages(tr, acct, src, uids, find_mailbox(tr, acct, dst).id)
+        return await self._copy_or_move(move_messages, acct, src, uids, dst)
 
-        return await self.write(acct, fn)  # type: ignore[return-value]
+    async def _copy_or_move(
+        self, op: Callable[..., tuple[int, list[tuple[int, int]]]], acct: int, src: int, uids: Sequence[int], dst: str
+    ) -> tuple[int, list[tuple[int, int]]]:
+        """COPY/MOVE, CHUNK per transaction; UIDs stay in order across chunks."""
+        target = await self.mailbox(acct, dst)
+        uidvalidity, pairs = target.uidvalidity, []
+        for part in _chunks(uids):
+            result = await self.write(acct, functools.partial(_to_mailbox, op=op, acct=acct, src=src, uids=part, dst=dst))
+            uidvalidity, got = cast(tuple[int, list[tuple[int, int]]], result)
+            pairs += got
+        return uidvalidity, pairs
 
     def _remember(self, acct: int, email: Email) -> None:
         key = (acct, email.id)

@@ -180,3 +180,28 @@ async def test_blob_reads_across_pieces(store: Storage) -> None:
     assert await blobs.read(store.db, digest, 3, None) == data[3:]
     assert await blobs.read(store.db, digest, len(data) + 10, 5) == b""
     assert await blobs.read(store.db, b"\0" * 32) == b""
+
+
+async def test_operations_on_many_messages_run_in_chunks(store: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With 3 messages per transaction, 10 messages take several; the results
+    # are those of one big operation.
+    monkeypatch.setattr(mail, "CHUNK", 3)
+    acct = await make_account(store)
+    inbox = await store.db.read(lambda tr: mail.find_mailbox(tr, acct, "INBOX"))
+    await store.mail.append_many(acct, "INBOX", [(RAW + bytes([65 + i]), (), None) for i in range(10)])
+    changed, failed = await store.mail.store_flags(acct, inbox.id, list(range(1, 11)), "add", ["\\Seen"])
+    assert [m.uid for m in changed] == list(range(1, 11)) and failed == []
+    uv, pairs = await store.mail.copy(acct, inbox.id, list(range(1, 11)), "Archive")
+    assert [d for _, d in pairs] == list(range(1, 11))
+    _, moved = await store.mail.move(acct, inbox.id, [1, 2, 3, 4, 5, 6, 7], "Trash")
+    assert [s for s, _ in moved] == [1, 2, 3, 4, 5, 6, 7]
+    await store.mail.store_flags(acct, inbox.id, [8, 9, 10], "add", ["\\Deleted"])
+    assert await store.mail.expunge(acct, inbox.id) == [8, 9, 10]
+    status = await store.mail.status(acct, "Archive")
+    assert (status.messages, status.unseen) == (10, 0)
+    await store.mail.delete_mailbox(acct, "Archive")
+    await store.mail.delete_mailbox(acct, "Trash")
+    assert await store.db.read(lambda tr: mail.quota_usage(tr, acct)) == (0, 0)
+    await store.mail.append_many(acct, "INBOX", [(RAW + bytes([97 + i]), (), None) for i in range(7)])
+    await store.remove_account("alice@example.org")
+    assert await store.db.read(lambda tr: tr.get_range(*keys.account_data(acct))) == []
