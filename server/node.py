@@ -241,8 +241,9 @@ class Node:
                 services.append(ImapService(state, getattr(listen, name), name))
         if listen.http:
             services.append(HttpService(state, listen.http))
-        # After the listeners: it stops last among them and releases its leases.
-        services.append(self.outbound)
+        if self.config.queue.worker:
+            # After the listeners: it stops last among them and releases its leases.
+            services.append(self.outbound)
         return services
 
     def request_stop(self) -> None:
@@ -320,8 +321,9 @@ class Node:
         # Singleton work is rare, but its lease is renewed (and a dead
         # holder's taken over) on the cluster's own time scale.
         ttl = LEASE_TTL_FACTOR * cfg.cluster.timeout
-        self.services.append(LeaseWorker(nodes, "purge", state.node_id, state.storage.mail.purge, PURGE_INTERVAL, ttl))
-        self.services.append(LeaseWorker(nodes, "reap-nodes", state.node_id, nodes.reap, REAP_INTERVAL, ttl))
+        if cfg.cluster.background:
+            self.services.append(LeaseWorker(nodes, "purge", state.node_id, state.storage.mail.purge, PURGE_INTERVAL, ttl))
+            self.services.append(LeaseWorker(nodes, "reap-nodes", state.node_id, nodes.reap, REAP_INTERVAL, ttl))
         return cluster
 
     def queued(self) -> None:

@@ -111,3 +111,31 @@ async def test_queue_drain_moves_a_whole_queue_to_another_store(tmp_path: Path) 
         assert result.returncode == 0, result.stderr
         assert sorted(await inbox_subjects(b, "bob@remote.test")) == [f"m{n}" for n in range(5)]
         assert "m0" not in rookery("queue", "list", data=a_data).stdout
+
+
+async def test_a_node_without_the_queue_worker_only_queues(tmp_path: Path) -> None:
+    # Roles: a submission-only node queues remote mail; a node with the
+    # worker (on the same store) delivers it.
+    sink = Sink()
+    server, port = await sink.start()
+    try:
+        data = tmp_path / "data"
+        routes = {"routes__remote.test": f"127.0.0.1:{port}", "queue__poll_interval": 0.3}
+        async with running_node(node_config(data, ("submission",), queue__worker=False, **routes)) as front:
+            await make_account(front.storage, "alice@example.org", "pw")
+
+            def submit() -> None:
+                with smtplib.SMTP("127.0.0.1", front.ports["submission"], timeout=10) as s:
+                    s.login("alice@example.org", "pw")
+                    s.sendmail("alice@example.org", ["bob@remote.test"], b"From: alice@example.org\r\nSubject: r\r\n\r\nx\r\n")
+
+            await asyncio.to_thread(submit)
+            await asyncio.sleep(1.0)
+            assert sink.received == []
+            assert "bob@remote.test" in rookery("queue", "list", data=data).stdout
+            async with running_node(node_config(data, (), **routes)):
+                await asyncio.wait_for(sink.arrived.wait(), 10)
+            assert [r for _, r, _ in sink.received] == [["bob@remote.test"]]
+    finally:
+        server.close()
+        await server.wait_closed()
