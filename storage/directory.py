@@ -430,6 +430,3 @@ def _verify(password_hash: str, password: str) -> bool:
 
 _DUMMY_HASH = _hasher.hash("rookery-timing-equalizer")
 
-
-def directory_version(tr: ReadTransaction) -> int:
-    return decode_counter(tr.get(keys.DIRECTORY_VERSION))

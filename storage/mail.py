@@ -1017,11 +1017,6 @@ class MailStore:
         """An email with its parsed structure (cached: emails never change)."""
         return (await self.emails(acct, [email_id])).get(email_id)
 
-    async def check_quota(self, acct: int, size: int) -> None:
-        """Raise the temporary over-quota error if ``size`` more bytes do not fit
-        (SMTP RCPT answers 452 early; DATA checks again in its transaction)."""
-        await self.db.read(lambda tr: check_quota(tr, acct, size, temporary=True))
-
     async def read_blob(self, digest: bytes, start: int = 0, length: int | None = None) -> bytes:
         return await blobs.read(self.db, digest, start, length)
 

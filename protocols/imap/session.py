@@ -10,8 +10,6 @@ VANISHED where the RFC allows.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import re
 import time
@@ -788,10 +786,3 @@ class ImapSession:
         if self.sub is not None:
             self.sub.close()
             self.sub = None
-
-
-def decode_plain(data: bytes) -> bytes:
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidInput("invalid base64") from None

@@ -18,7 +18,7 @@ every backend:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 T = TypeVar("T")
@@ -173,7 +173,3 @@ def range_of(prefix: bytes) -> tuple[bytes, bytes]:
     Mirrors ``fdb.tuple.range``: ``prefix + 0x00`` .. ``prefix + 0xff``.
     """
     return prefix + b"\x00", prefix + b"\xff"
-
-
-def collect(pairs: Sequence[KeyValue]) -> dict[bytes, bytes]:
-    return dict(pairs)
