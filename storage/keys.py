@@ -34,6 +34,8 @@ Subspaces (``acct`` is an account id, an int; ``mbox`` a mailbox id, an int):
 ``("c", acct, "log", change_id)``   change log entry: kinds changed
 ``("q", ...)``                      outbound queue (storage.queue)
 ``("n", ...)``                      node leases and cluster state
+``("x", hour, token)``              commit marker of one write transaction
+                                    (FoundationDB: commit_unknown_result)
 ====================  ====================================================
 """
 
@@ -374,3 +376,16 @@ def queue_rates_before(acct: int, window: int) -> tuple[bytes, bytes]:
 
 def dkim_key(domain_name: str) -> bytes:
     return pack(("q", "dkim", domain_name))
+
+
+# -- commit markers (storage.kv.foundationdb) --------------------------------
+# Every write transaction on FoundationDB leaves a marker, so that a retry
+# after ``commit_unknown_result`` can tell whether the first attempt landed.
+# Markers are grouped by the hour they were written in and cleared in bulk.
+
+def commit_marker(hour: int, token: bytes) -> bytes:
+    return pack(("x", hour, token))
+
+
+def commit_markers_before(hour: int) -> tuple[bytes, bytes]:
+    return pack(("x",)), pack(("x", hour))

@@ -91,6 +91,7 @@ MAX_SUBJECT_CHARS = 4096
 PREVIEW_CHARS = 256
 #: Raw body bytes read to build a preview (plain text, HTML).
 _PREVIEW_SCAN = 4096
+_PREVIEW_FIRST_LOOK = 1024
 _PREVIEW_SCAN_HTML = 32 * 1024
 #: Version tag of the :func:`encode` format.
 FORMAT_VERSION = 1
@@ -1168,12 +1169,20 @@ def _preview(raw: bytes, leaves: list[Part]) -> str:
     for p in leaves:
         if p.type != "text" or p.subtype not in ("plain", "html") or _is_attachment(p):
             continue
-        scan = _PREVIEW_SCAN_HTML if p.subtype == "html" else _PREVIEW_SCAN
-        data = _decode_cte(raw[p.body_start : min(p.end, p.body_start + scan)], p.encoding)
-        text = _to_text(data, p.param("charset"))
         if p.subtype == "html":
-            text = _html_text(text)
-        return " ".join(text.split())[:PREVIEW_CHARS].rstrip()
+            data = _decode_cte(raw[p.body_start : min(p.end, p.body_start + _PREVIEW_SCAN_HTML)], p.encoding)
+            text = _html_text(_to_text(data, p.param("charset")))
+            return " ".join(text.split())[:PREVIEW_CHARS].rstrip()
+        # Plain text: a short look first, which is nearly always enough.
+        end = min(p.end, p.body_start + _PREVIEW_FIRST_LOOK)
+        if end < p.end:
+            data = _decode_cte(raw[p.body_start : end], p.encoding)
+            words = _to_text(data, p.param("charset")).split()[:-1]  # the last may be cut short
+            text = " ".join(words)
+            if len(text) >= PREVIEW_CHARS:
+                return text[:PREVIEW_CHARS].rstrip()
+        data = _decode_cte(raw[p.body_start : min(p.end, p.body_start + _PREVIEW_SCAN)], p.encoding)
+        return " ".join(_to_text(data, p.param("charset")).split())[:PREVIEW_CHARS].rstrip()
     return ""
 
 

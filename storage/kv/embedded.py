@@ -1,24 +1,28 @@
 """Embedded backend: one SQLite file in WAL mode, FoundationDB's limits enforced.
 
 Writes go through one writer thread per process that runs transaction bodies
-one after another inside a single SQLite write transaction, each body in its
-own savepoint, then commits the whole batch with one fsync (group commit, as
-Postfix and FoundationDB's commit proxies do). Bodies therefore see a
-serializable order; a body that raises is rolled back to its savepoint alone.
-Several processes may share the file: SQLite's write lock (``BEGIN
-IMMEDIATE`` with a busy timeout) orders their batches.
+one after another inside a single SQLite write transaction, then commits the
+whole batch with one fsync (group commit, as Postfix and FoundationDB's commit
+proxies do). Bodies therefore see a serializable order; a body that raises is
+undone alone. A body's writes are kept in Python until it succeeds and reach
+SQLite with the batch, in a few multi-row statements: every SQLite call lets
+go of the GIL and must take it back, so a writer making one call per key
+would spend its time queueing behind the protocol thread. Several processes
+may share the file: SQLite's write lock (``BEGIN IMMEDIATE`` with a busy
+timeout) orders their batches.
 
 Read-only transactions run on a small pool of reader connections: in WAL mode
 each sees a consistent snapshot without blocking the writer.
 
 ``inject_conflicts`` (0..1) makes that fraction of successful bodies fail with
-:class:`NotCommitted` before their savepoint is released, so tests exercise
+:class:`NotCommitted` after running, their writes undone, so tests exercise
 every retry loop as FoundationDB would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import queue
@@ -78,6 +82,9 @@ def _connect(path: str) -> sqlite3.Connection:
     # cache: most reads are point lookups of hot keys.
     conn.execute("PRAGMA mmap_size=1073741824")
     conn.execute("PRAGMA cache_size=-65536")
+    # Statement journals (multi-row statements inside a transaction) in memory,
+    # not in a temporary file opened and closed at every commit.
+    conn.execute("PRAGMA temp_store=MEMORY")
     return conn
 
 
@@ -108,11 +115,116 @@ class _Reads:
         return rows  # sqlite3 returns BLOBs as bytes already
 
 
+class _Layer:
+    """Writes not yet in SQLite, in the order that matters: ``ranges`` were
+    cleared first, then ``writes`` (key to value, ``None`` for cleared) came
+    after them. ``keys`` is ``writes``' keys in order, for range checks."""
+
+    __slots__ = ("writes", "keys", "ranges", "size")
+
+    def __init__(self) -> None:
+        self.writes: dict[bytes, bytes | None] = {}
+        self.keys: list[bytes] = []
+        self.ranges: list[tuple[bytes, bytes]] = []
+        self.size = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.writes) or bool(self.ranges)
+
+    def put(self, key: bytes, value: bytes | None) -> None:
+        if key not in self.writes:
+            bisect.insort(self.keys, key)
+        self.writes[key] = value
+        self.size += len(key) + (len(value) if value is not None else 0)
+
+    def clear_range(self, begin: bytes, end: bytes) -> None:
+        lo = bisect.bisect_left(self.keys, begin)
+        hi = bisect.bisect_left(self.keys, end)
+        for key in self.keys[lo:hi]:
+            del self.writes[key]
+        del self.keys[lo:hi]
+        self.ranges.append((begin, end))
+
+    def lookup(self, key: bytes) -> tuple[bool, bytes | None]:
+        """(known here, value): unknown keys are for the layer below."""
+        if key in self.writes:
+            return True, self.writes[key]
+        for begin, end in self.ranges:
+            if begin <= key < end:
+                return True, None
+        return False, None
+
+    def touches(self, begin: bytes, end: bytes) -> bool:
+        lo = bisect.bisect_left(self.keys, begin)
+        if lo < len(self.keys) and self.keys[lo] < end:
+            return True
+        return any(b < end and begin < e for b, e in self.ranges)
+
+    def merge(self, later: _Layer) -> None:
+        """Apply ``later``'s writes, which came after this layer's."""
+        for begin, end in later.ranges:
+            self.clear_range(begin, end)
+        for key, value in later.writes.items():
+            self.put(key, value)
+
+    def apply(self, conn: sqlite3.Connection) -> None:
+        """Write this layer into SQLite's open transaction and empty it."""
+        for begin, end in self.ranges:
+            conn.execute("DELETE FROM kv WHERE key >= ? AND key < ?", (begin, end))
+        rows = [(k, v) for k, v in self.writes.items() if v is not None]
+        gone = [k for k, v in self.writes.items() if v is None]
+        _write_rows(conn, rows)
+        _delete_keys(conn, gone)
+        self.writes.clear()
+        self.keys.clear()
+        self.ranges.clear()
+        self.size = 0
+
+
+# Statements of fixed shapes (1, 2, 4 ... 128 rows) so SQLite's statement cache
+# keeps them: one statement per shape instead of one per row. Each statement
+# drops and retakes the GIL once, and every retake may wait on the protocol
+# thread, so fewer statements is what makes the writer fast.
+_SHAPES = (128, 64, 32, 16, 8, 4, 2, 1)
+_INSERT_SQL = {n: "INSERT OR REPLACE INTO kv VALUES " + ",".join(["(?,?)"] * n) for n in _SHAPES}
+_DELETE_SQL = {n: "DELETE FROM kv WHERE key IN (" + ",".join(["?"] * n) + ")" for n in _SHAPES}
+
+
+def _write_rows(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes]]) -> None:
+    pos = 0
+    for n in _SHAPES:
+        while len(rows) - pos >= n:
+            conn.execute(_INSERT_SQL[n], [x for row in rows[pos : pos + n] for x in row])
+            pos += n
+
+
+def _delete_keys(conn: sqlite3.Connection, keys: list[bytes]) -> None:
+    pos = 0
+    for n in _SHAPES:
+        while len(keys) - pos >= n:
+            conn.execute(_DELETE_SQL[n], keys[pos : pos + n])
+            pos += n
+
+
+# A batch's pending writes are put into SQLite once they pass this size, so
+# memory stays bounded however many bodies a batch holds.
+LAYER_FLUSH_BYTES = 8 * 1024 * 1024
+
+
 class _WriteTransaction(_Reads):
-    def __init__(self, conn: sqlite3.Connection, started: float, stamp: bytes) -> None:
+    """One body of a group commit. Its writes stay in Python (``_body``) until
+    the body succeeds; they then join the batch's pending writes (``_batch``),
+    which reach SQLite at commit. Reads see body, then batch, then SQLite. A
+    range read that overlaps pending writes puts them into SQLite first (the
+    body's under a savepoint, so a failing body can still be undone)."""
+
+    def __init__(self, conn: sqlite3.Connection, started: float, stamp: bytes, batch: _Layer) -> None:
         super().__init__(conn, started)
         self._written = 0
         self._stamp = stamp
+        self._batch = batch
+        self._body = _Layer()
+        self.savepoint = False
 
     @property
     def snapshot(self) -> ReadTransaction:
@@ -125,22 +237,68 @@ class _WriteTransaction(_Reads):
         if self._written > MAX_TRANSACTION_SIZE:
             raise LimitExceeded(f"transaction wrote more than {MAX_TRANSACTION_SIZE} bytes")
 
+    def flush(self) -> None:
+        """Put every pending write into SQLite (inside the body's savepoint)."""
+        if self._batch:
+            self._batch.apply(self._conn)
+        if self._body:
+            if not self.savepoint:
+                self._conn.execute("SAVEPOINT body")
+                self.savepoint = True
+            self._body.apply(self._conn)
+
+    def finish(self) -> None:
+        """The body succeeded: its writes join the batch's."""
+        self._batch.merge(self._body)
+        if self.savepoint:
+            self._conn.execute("RELEASE body")
+        if self._batch.size > LAYER_FLUSH_BYTES:
+            self._batch.apply(self._conn)
+
+    def undo(self) -> None:
+        """The body failed: forget its writes."""
+        if self.savepoint:
+            self._conn.execute("ROLLBACK TO body")
+            self._conn.execute("RELEASE body")
+
+    def get(self, key: bytes) -> bytes | None:
+        known, value = self._body.lookup(key)
+        if known:
+            self._check_age()
+            return value
+        known, value = self._batch.lookup(key)
+        if known:
+            self._check_age()
+            return value
+        return super().get(key)
+
+    def get_range(self, begin: bytes, end: bytes, limit: int = 0, reverse: bool = False) -> list[KeyValue]:
+        if self._body.touches(begin, end) or self._batch.touches(begin, end):
+            self.flush()
+        return super().get_range(begin, end, limit, reverse)
+
     def set(self, key: bytes, value: bytes) -> None:
         check_key(key)
         check_value(value)
         self._count(len(key) + len(value))
-        self._conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, value))
+        self._put(key, bytes(value))
+
+    def _put(self, key: bytes, value: bytes | None) -> None:
+        self._body.put(key, value)
+        if self._body.size > LAYER_FLUSH_BYTES:
+            self.flush()
 
     def clear(self, key: bytes) -> None:
         check_key(key)
         self._count(len(key))
-        self._conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+        self._put(key, None)
 
     def clear_range(self, begin: bytes, end: bytes) -> None:
         check_key(begin)
         check_key(end)
         self._count(len(begin) + len(end))
-        self._conn.execute("DELETE FROM kv WHERE key >= ? AND key < ?", (begin, end))
+        if begin < end:
+            self._body.clear_range(begin, end)
 
     def add(self, key: bytes, delta: int) -> None:
         check_key(key)
@@ -148,7 +306,7 @@ class _WriteTransaction(_Reads):
         current = decode_counter(self.get(key))
         # Wrap like FoundationDB's 64-bit two's-complement ADD.
         total = (current + delta + 2**63) % 2**64 - 2**63
-        self._conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, encode_counter(total)))
+        self._put(key, encode_counter(total))
 
     def set_versionstamped_key(self, key: bytes, value: bytes) -> None:
         if len(key) < 4:
@@ -317,30 +475,30 @@ class EmbeddedDatabase:
         except sqlite3.OperationalError as exc:
             log.warning("store busy, retrying batch: %s", exc)
             return self._requeue(batch, exc)
+        pending = _Layer()
         try:
             version = conn.execute(
                 "UPDATE meta SET value = value + 1 WHERE name = 'commit_version' RETURNING value"
             ).fetchone()[0]
             for order, job in enumerate(batch):
                 stamp = struct.pack(">QH", version, order)
-                conn.execute("SAVEPOINT body")
+                tr = _WriteTransaction(conn, time.monotonic(), stamp, pending)
                 try:
-                    tr = _WriteTransaction(conn, time.monotonic(), stamp)
                     job.result = job.fn(tr)
                     # A body past 5 s fails at commit on FoundationDB even if its last call was earlier.
                     tr._check_age()
                     if self.inject_conflicts and self._random.random() < self.inject_conflicts:
                         raise NotCommitted("injected conflict (test mode)")
                 except BaseException as exc:  # noqa: BLE001 - delivered to the caller
-                    conn.execute("ROLLBACK TO body")
-                    conn.execute("RELEASE body")
+                    tr.undo()
                     if isinstance(exc, RetryableError):
                         retry.append(job)
                     else:
                         _deliver(job, None, exc)
                     continue
-                conn.execute("RELEASE body")
+                tr.finish()
                 done.append(job)
+            pending.apply(conn)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.warning("group commit failed, retrying %d bodies: %s", len(done), exc)

@@ -7,7 +7,9 @@ commit, and on an :class:`fdb.FDBError` hand the error to ``tr.on_error``,
 which backs off and resets the transaction if the error is retryable
 (``not_committed``, ``transaction_too_old``, ``commit_unknown_result``...) or
 raises it again otherwise. The retry limit and the timeout are database
-options, so they hold for every transaction.
+options, so they hold for every transaction. Every write carries a commit
+marker, so that a retry after ``commit_unknown_result`` does not apply a
+body a second time when the first attempt did land (see ``_run``).
 
 Errors leave as the contract's: a body that outlives 5 s ->
 :class:`TransactionTooOld`; too large -> :class:`LimitExceeded`; retries used up
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import random
 import struct
 import threading
 import time
@@ -30,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from .. import keys
 from .base import (
     MAX_TRANSACTION_SECONDS,
     MAX_TRANSACTION_SIZE,
@@ -52,6 +56,7 @@ T = TypeVar("T")
 # FoundationDB error codes: https://apple.github.io/foundationdb/api-error-codes.html
 TRANSACTION_TOO_OLD = 1007
 NOT_COMMITTED = 1020
+COMMIT_UNKNOWN_RESULT = 1021
 TRANSACTION_TIMED_OUT = 1031
 TOO_LARGE = frozenset({2101, 2102, 2103})  # transaction_too_large, key_too_large, value_too_large
 UNAVAILABLE = frozenset(
@@ -69,6 +74,10 @@ UNAVAILABLE = frozenset(
         2107,  # tls_error
     }
 )
+
+#: Commit markers are swept by one write in this many, and kept this long.
+MARKER_SWEEP_EVERY = 1000
+MARKER_KEEP_HOURS = 2
 
 #: Versionstamp offsets became four bytes at 520; database-wide timeouts need 610.
 MIN_API_VERSION = 610
@@ -288,18 +297,36 @@ class FoundationDBDatabase:
         return await future
 
     def _run(self, fn: Callable[[Any], T], write: bool) -> T:
-        """FoundationDB's retry loop, in a worker thread."""
+        """FoundationDB's retry loop, in a worker thread.
+
+        A write also sets a commit marker of its own (``keys.commit_marker``),
+        its value the attempt number. After ``commit_unknown_result`` the
+        next attempt first reads the marker, as the developer guide
+        prescribes: present means an earlier attempt committed, and that
+        attempt's result is returned instead of running the body again (a
+        delivery must not land twice); absent means none did.
+        """
         tr = self._db.create_transaction()
         retries = 0
+        marker = keys.commit_marker(int(time.time()) // 3600, os.urandom(16)) if write else b""
+        uncertain: dict[int, T] = {}  # attempts that ended in commit_unknown_result
         while True:
             started = time.monotonic()
+            result: T | None = None
             try:
                 if write:
+                    if uncertain:
+                        landed = tr.get(marker).wait()
+                        if landed.present():
+                            return uncertain[int(bytes(landed))]
+                        uncertain.clear()  # none of them committed
                     result = fn(_Transaction(tr, started, self._want_all))
                     if time.monotonic() - started > MAX_TRANSACTION_SECONDS:
                         # The contract fails a body past 5 s even if its last call came
                         # earlier; retrying it would only fail the same way.
                         raise TransactionTooOld("transaction older than 5 seconds")
+                    tr.set(marker, str(retries).encode())
+                    self._maybe_clear_markers(tr)
                     tr.commit().wait()
                 else:
                     # Snapshot reads: a transaction that never commits cannot
@@ -308,6 +335,8 @@ class FoundationDBDatabase:
                 return result
             except self._fdb.FDBError as exc:
                 error = exc
+            if error.code == COMMIT_UNKNOWN_RESULT and write:
+                uncertain[retries] = result  # type: ignore[assignment]
             if error.code == TRANSACTION_TIMED_OUT and retries:
                 # The timeout spans every retry (API >= 610): retrying used up
                 # the time, which says nothing about the cluster being down.
@@ -317,6 +346,13 @@ class FoundationDBDatabase:
             except self._fdb.FDBError as exc:
                 raise self._translate(exc) from exc
             retries += 1
+
+    def _maybe_clear_markers(self, tr: Any) -> None:
+        """Now and then (one write in :data:`MARKER_SWEEP_EVERY`), clear the
+        commit markers of hours before the last :data:`MARKER_KEEP_HOURS`."""
+        if random.randrange(MARKER_SWEEP_EVERY):
+            return
+        tr.clear_range(*keys.commit_markers_before(int(time.time()) // 3600 - MARKER_KEEP_HOURS))
 
     def _scan_batch(self, cursor: _ScanCursor, end: bytes, limit: int) -> list[KeyValue]:
         restarts = 0
