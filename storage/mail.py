@@ -192,14 +192,23 @@ class Snapshot:
         return self._keywords
 
     def apply(self, delta: MailboxChanges) -> Snapshot:
-        """A new snapshot with ``delta`` folded in (the old one is shared, never changed)."""
+        """A new snapshot with ``delta`` folded in (the old one is shared, never changed).
+
+        The UID list, UID map and keyword set are carried over by copying
+        (C-speed) rather than rebuilt from the messages, so a change to a big
+        mailbox costs a copy, not a scan. Keywords are only ever added, as
+        Dovecot keeps them: FLAGS may name one no message carries any more.
+        """
         messages = list(self.messages)
-        uids = [m.uid for m in messages]
+        uids = list(self.uids)
+        by_uid = dict(self._by_uid) if self._by_uid is not None else None
         for uid in delta.expunged:
             i = bisect.bisect_left(uids, uid)
             if i < len(uids) and uids[i] == uid:
                 del uids[i]
                 del messages[i]
+                if by_uid is not None:
+                    del by_uid[uid]
         for m in delta.changed:
             i = bisect.bisect_left(uids, m.uid)
             if i < len(uids) and uids[i] == m.uid:
@@ -207,10 +216,10 @@ class Snapshot:
             else:
                 uids.insert(i, m.uid)
                 messages.insert(i, m)
-        keywords = None
-        if self._keywords is not None and not delta.expunged:
-            keywords = self._keywords | {f for m in delta.changed for f in m.flags if not f.startswith("\\")}
-        return Snapshot(self.mailbox, messages, max(self.highestmodseq, delta.highestmodseq), keywords)
+            if by_uid is not None:
+                by_uid[m.uid] = m
+        keywords = self.keywords | {f for m in delta.changed for f in m.flags if not f.startswith("\\")}
+        return Snapshot(self.mailbox, messages, max(self.highestmodseq, delta.highestmodseq), keywords, uids, by_uid)
 
 
 @dataclass(slots=True)

@@ -34,7 +34,8 @@ class Selected:
         # them (copy on write): SELECT of a big mailbox copies nothing.
         self.uids: list[int] = snap.uids
         self.msgs: dict[int, Message] = snap.by_uid
-        self._shared = True
+        self._shared_uids = True
+        self._shared_msgs = True
         self.modseq = snap.highestmodseq
         self.max_uid = max(snap.mailbox.uidnext - 1, self.uids[-1] if self.uids else 0)
         self.pending_expunge: set[int] = set()
@@ -42,11 +43,16 @@ class Selected:
         self.reported: dict[int, int] = {}
         self.keywords: set[str] = set(snap.keywords)
 
-    def _own(self) -> None:
-        if self._shared:
-            self.uids = list(self.uids)
+    def _own_msgs(self) -> None:
+        if self._shared_msgs:
             self.msgs = dict(self.msgs)
-            self._shared = False
+            self._shared_msgs = False
+
+    def _own(self) -> None:
+        self._own_msgs()
+        if self._shared_uids:
+            self.uids = list(self.uids)
+            self._shared_uids = False
 
     # -- numbering ---------------------------------------------------------------
 
@@ -94,7 +100,7 @@ class Selected:
 
     def note_own(self, messages: Iterable[Message]) -> None:
         """Record changes this session made and reported itself."""
-        self._own()
+        self._own_msgs()
         for m in messages:
             if m.uid in self.msgs:
                 self.msgs[m.uid] = m
@@ -105,8 +111,8 @@ class Selected:
         new messages (not yet numbered: :meth:`add_new` does that)."""
         if not changes.exists:
             raise MailboxGone("mailbox was deleted")
-        if changes.changed or changes.expunged:
-            self._own()
+        if changes.changed:
+            self._own_msgs()  # flags change in place; numbering waits for add_new / flush_expunges
         lines: list[bytes] = []
         new: list[Message] = []
         keywords_before = len(self.keywords)

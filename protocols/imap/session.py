@@ -618,6 +618,13 @@ class ImapSession:
             vanished = [u for u in changes.expunged if cmd.seqset.saved or cmd.seqset.contains(u, sel.max_uid)]
             if vanished:
                 lines.append(r.untagged(b"VANISHED (EARLIER)", r.encode_seqset(vanished)))
+        names = {i.name for i in cmd.items}
+        if names <= {"UID", "FLAGS"} and "FLAGS" in names and (cmd.uid or "UID" in names) and cmd.changedsince is None:
+            # The flag sync every client runs on every mailbox, in one format,
+            # each distinct flag list encoded once.
+            lines += _flag_lines(pairs, sel.msgs)
+            lines += await self.updates("FETCH", cmd.uid)
+            return lines + [r.tagged(cmd.tag, "OK", None, "FETCH completed")]
         msgs = [(seq, sel.msgs[uid]) for seq, uid in pairs if uid in sel.msgs]
         if cmd.changedsince is not None:
             msgs = [(s, m) for s, m in msgs if m.modseq > cmd.changedsince]
@@ -633,17 +640,7 @@ class ImapSession:
         if needs_email(cmd.items) and msgs:
             emails = await self.storage.mail.emails(acct, [m.email_id for _, m in msgs])
         with_modseq = cmd.changedsince is not None or (self.condstore and bool(seen_changed))
-        names = {i.name for i in cmd.items}
-        if names <= {"UID", "FLAGS"} and "FLAGS" in names and (cmd.uid or "UID" in names) and not (
-            with_modseq or seen_changed
-        ):
-            # The flag sync every client runs on every mailbox, in one format.
-            lines += [
-                b"* %d FETCH (UID %d FLAGS (%s))\r\n" % (seq, msg.uid, " ".join(msg.flags).encode())
-                for seq, msg in msgs
-            ]
-            msgs = []
-        elif names <= SIMPLE_ITEMS:
+        if names <= SIMPLE_ITEMS:
             # Items from the message record alone: no await per message.
             lines += [
                 render_record(seq, msg, cmd.items, with_uid=cmd.uid, with_modseq=with_modseq,
@@ -786,3 +783,19 @@ class ImapSession:
         if self.sub is not None:
             self.sub.close()
             self.sub = None
+
+
+def _flag_lines(pairs: list[tuple[int, int]], msgs: dict[int, Message]) -> list[bytes]:
+    """``* n FETCH (UID u FLAGS (...))`` for every pair still in ``msgs``."""
+    encoded: dict[tuple[str, ...], bytes] = {}
+    out = []
+    for seq, uid in pairs:
+        msg = msgs.get(uid)
+        if msg is None:
+            continue
+        flags = msg.flags
+        tail = encoded.get(flags)
+        if tail is None:
+            tail = encoded[flags] = b" FLAGS (" + " ".join(flags).encode() + b"))\r\n"
+        out.append(b"* %d FETCH (UID %d%s" % (seq, uid, tail))
+    return out
