@@ -467,8 +467,9 @@ def cmd_mail_list(args: argparse.Namespace, cfg: configmod.Config) -> int:
         account = await s.directory.get(args.email)
         for msg, email in await s.mail.list_messages(account.id, args.mailbox):
             subject = ""
-            if email is not None and email.structure is not None:
-                subject = mime.decode_words(email.structure.envelope.subject or "")
+            structure = email.structure if email is not None else None
+            if structure is not None:
+                subject = mime.decode_words(structure.envelope.subject or "")
             subject = subject.replace("\t", " ").replace("\r", " ").replace("\n", " ")
             date = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(msg.internal_date))
             flags = " ".join(msg.flags) or "-"

@@ -142,10 +142,19 @@ class Email:
     size: int
     received: int
     thread_id: int
-    structure: mime.Message | None = field(default=None, repr=False)
+    #: The parsed structure as stored (``mime.encode``); see :attr:`structure`.
+    encoded: bytes | None = field(default=None, repr=False)
     #: Protocol renderings of the immutable structure (e.g. IMAP ENVELOPE),
     #: kept with the cached email so they are computed once.
     rendered: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    @property
+    def structure(self) -> mime.Message | None:
+        """The parsed structure, decoded at each use and not kept: the node's
+        email cache then holds a few bytes objects per email instead of a tree
+        of parts and addresses, which every full garbage collection would walk
+        (tens of thousands of cached emails made pauses of 100 ms and more)."""
+        return None if self.encoded is None else mime.decode(self.encoded)
 
 
 @dataclass(slots=True)
@@ -686,7 +695,7 @@ def get_email(tr: ReadTransaction, acct: int, email_id: int, with_structure: boo
     email = Email(email_id, digest, size, received, thread_id)
     if with_structure:
         rows = tr.get_range(*keys.email_structs(acct, email_id))
-        email.structure = mime.decode(b"".join(v for _, v in rows))
+        email.encoded = b"".join(v for _, v in rows)
     return email
 
 
@@ -784,7 +793,7 @@ class MailStore:
 
         deliveries: list[Delivery] = await self._transact_with_blob(prep, fn)  # type: ignore[assignment]
         for d in deliveries:
-            self._remember(d.account, Email(d.email_id, prep.digest, len(raw), when, 0, prep.parsed))
+            self._remember(d.account, Email(d.email_id, prep.digest, len(raw), when, 0, prep.structure))
             self.changed(d.account, d.change_id, ("Email", "Thread", "Mailbox"))
         return deliveries
 

@@ -193,19 +193,17 @@ class Renderer:
 
     async def _item(self, msg: Message, email: Email | None, item: FetchItem) -> bytes:
         name = item.name
-        if email is None or email.structure is None:
+        if email is None or email.encoded is None:
             raise FetchError("UNAVAILABLE", "message content is not available")
-        structure = email.structure
-        if name == "ENVELOPE":
-            key = "imap-envelope-utf8" if self.utf8 else "imap-envelope"
+        if name in ("ENVELOPE", "BODYSTRUCTURE") or (name == "BODY" and item.section is None):
+            # Renderings of the immutable structure, kept with the cached email.
+            key = f"imap-{name}-{item.section is None}-{self.utf8}"
             rendered = email.rendered.get(key)
             if rendered is None:
-                rendered = email.rendered[key] = b"ENVELOPE " + r.render_envelope(structure.envelope, utf8=self.utf8)
+                rendered = email.rendered[key] = self._structure_item(email, name)
             return rendered
-        if name == "BODYSTRUCTURE":
-            return b"BODYSTRUCTURE " + r.render_bodystructure(structure.root, True, utf8=self.utf8)
-        if name == "BODY" and item.section is None:
-            return b"BODY " + r.render_bodystructure(structure.root, False, utf8=self.utf8)
+        structure = email.structure
+        assert structure is not None
         if name == "RFC822":
             return b"RFC822 " + _text_literal(await self.read_raw(email, 0, None))
         if name == "RFC822.HEADER":
@@ -221,6 +219,15 @@ class Renderer:
                 return item.label() + b" %d" % len(decoded)
             return item.label() + b" " + r.binary(_partial(decoded, item))
         raise FetchError("CLIENTBUG", f"unknown fetch item {name}")
+
+    def _structure_item(self, email: Email, name: str) -> bytes:
+        structure = email.structure
+        assert structure is not None
+        if name == "ENVELOPE":
+            return b"ENVELOPE " + r.render_envelope(structure.envelope, utf8=self.utf8)
+        if name == "BODYSTRUCTURE":
+            return b"BODYSTRUCTURE " + r.render_bodystructure(structure.root, True, utf8=self.utf8)
+        return b"BODY " + r.render_bodystructure(structure.root, False, utf8=self.utf8)
 
     async def _body_section(self, email: Email, structure: mime.Message, item: FetchItem) -> bytes:
         rng = _section_range(structure, item)
