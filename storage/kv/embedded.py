@@ -31,8 +31,8 @@ import sqlite3
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -115,6 +115,41 @@ class _Reads:
         return rows  # sqlite3 returns BLOBs as bytes already
 
 
+class _ReadCache:
+    """What the writer connection last read or wrote, for keys with small
+    values: most of a body's reads are of the same hot keys (counters,
+    mailbox and account records). Valid only while no other connection has
+    committed: the writer checks ``PRAGMA data_version`` at every batch and
+    empties the cache when another process (a second node, the CLI) wrote.
+    Also emptied when a batch or a flushed body is rolled back."""
+
+    MAX_ENTRIES = 32768
+    MAX_VALUE = 1024
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[bytes, bytes | None] = OrderedDict()
+        self.data_version = -1
+
+    def lookup(self, key: bytes) -> tuple[bool, bytes | None]:
+        entries = self.entries
+        if key not in entries:
+            return False, None
+        entries.move_to_end(key)
+        return True, entries[key]
+
+    def put(self, key: bytes, value: bytes | None) -> None:
+        if value is not None and len(value) > self.MAX_VALUE:
+            self.entries.pop(key, None)
+            return
+        self.entries[key] = value
+        self.entries.move_to_end(key)
+        if len(self.entries) > self.MAX_ENTRIES:
+            self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 class _Layer:
     """Writes not yet in SQLite, in the order that matters: ``ranges`` were
     cleared first, then ``writes`` (key to value, ``None`` for cleared) came
@@ -167,14 +202,18 @@ class _Layer:
         for key, value in later.writes.items():
             self.put(key, value)
 
-    def apply(self, conn: sqlite3.Connection) -> None:
+    def apply(self, conn: sqlite3.Connection, cache: _ReadCache) -> None:
         """Write this layer into SQLite's open transaction and empty it."""
         for begin, end in self.ranges:
             conn.execute("DELETE FROM kv WHERE key >= ? AND key < ?", (begin, end))
+        if self.ranges:
+            cache.clear()
         rows = [(k, v) for k, v in self.writes.items() if v is not None]
         gone = [k for k, v in self.writes.items() if v is None]
         _write_rows(conn, rows)
         _delete_keys(conn, gone)
+        for key, value in self.writes.items():
+            cache.put(key, value)
         self.writes.clear()
         self.keys.clear()
         self.ranges.clear()
@@ -218,11 +257,12 @@ class _WriteTransaction(_Reads):
     range read that overlaps pending writes puts them into SQLite first (the
     body's under a savepoint, so a failing body can still be undone)."""
 
-    def __init__(self, conn: sqlite3.Connection, started: float, stamp: bytes, batch: _Layer) -> None:
+    def __init__(self, conn: sqlite3.Connection, started: float, stamp: bytes, batch: _Layer, cache: _ReadCache) -> None:
         super().__init__(conn, started)
         self._written = 0
         self._stamp = stamp
         self._batch = batch
+        self._cache = cache
         self._body = _Layer()
         self.savepoint = False
 
@@ -240,12 +280,12 @@ class _WriteTransaction(_Reads):
     def flush(self) -> None:
         """Put every pending write into SQLite (inside the body's savepoint)."""
         if self._batch:
-            self._batch.apply(self._conn)
+            self._batch.apply(self._conn, self._cache)
         if self._body:
             if not self.savepoint:
                 self._conn.execute("SAVEPOINT body")
                 self.savepoint = True
-            self._body.apply(self._conn)
+            self._body.apply(self._conn, self._cache)
 
     def finish(self) -> None:
         """The body succeeded: its writes join the batch's."""
@@ -253,13 +293,14 @@ class _WriteTransaction(_Reads):
         if self.savepoint:
             self._conn.execute("RELEASE body")
         if self._batch.size > LAYER_FLUSH_BYTES:
-            self._batch.apply(self._conn)
+            self._batch.apply(self._conn, self._cache)
 
     def undo(self) -> None:
         """The body failed: forget its writes."""
         if self.savepoint:
             self._conn.execute("ROLLBACK TO body")
             self._conn.execute("RELEASE body")
+            self._cache.clear()  # it saw the body's flushed writes
 
     def get(self, key: bytes) -> bytes | None:
         known, value = self._body.lookup(key)
@@ -267,10 +308,14 @@ class _WriteTransaction(_Reads):
             self._check_age()
             return value
         known, value = self._batch.lookup(key)
+        if not known:
+            known, value = self._cache.lookup(key)
         if known:
             self._check_age()
             return value
-        return super().get(key)
+        value = super().get(key)
+        self._cache.put(key, value)
+        return value
 
     def get_range(self, begin: bytes, end: bytes, limit: int = 0, reverse: bool = False) -> list[KeyValue]:
         if self._body.touches(begin, end) or self._batch.touches(begin, end):
@@ -327,30 +372,37 @@ class _Job:
     result: Any = field(default=None)
 
 
-def _deliver(job: _Job, result: Any, error: BaseException | None) -> None:
-    """Hand a result to the job's loop from the writer thread."""
-    try:
-        job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
-    except RuntimeError:
-        pass  # the caller's loop is gone: nobody is waiting any more
+class _HandBack:
+    """Results from the store's threads to the event loops awaiting them.
 
+    However many results arrive before a loop gets round to them cost one
+    wake-up of that loop (a write to its self-pipe and a GIL hand-over),
+    not one each: under load, a group commit's results and the reads that
+    finished meanwhile all reach the loop together.
+    """
 
-def _deliver_all(jobs: list[_Job]) -> None:
-    """Hand a whole group commit's results over with one wake-up per loop,
-    not one per transaction (each wake-up is a write to the loop's pipe)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
-    for job in jobs:
-        by_loop.setdefault(job.loop, []).append(job)
-    for loop, group in by_loop.items():
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+
+    def put(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+        with self._lock:
+            box = self._waiting.get(loop)
+            if box is not None:
+                box.append((future, result, error))
+                return
+            self._waiting[loop] = [(future, result, error)]
         try:
-            loop.call_soon_threadsafe(_resolve_many, [(j.future, j.result) for j in group])
-        except RuntimeError:
-            pass  # the caller's loop is gone: nobody is waiting any more
+            loop.call_soon_threadsafe(self._drain, loop)
+        except RuntimeError:  # the caller's loop is gone: nobody is waiting any more
+            with self._lock:
+                self._waiting.pop(loop, None)
 
-
-def _resolve_many(results: list[tuple[asyncio.Future[Any], Any]]) -> None:
-    for future, result in results:
-        _resolve(future, result, None)
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            box = self._waiting.pop(loop, [])
+        for future, result, error in box:
+            _resolve(future, result, error)
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -387,8 +439,15 @@ class EmbeddedDatabase:
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="rookery-kv-writer", daemon=True)
         self._writer.start()
-        self._local = threading.local()
-        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="rookery-kv-reader")
+        self._hand_back = _HandBack()
+        self._cache = _ReadCache()  # the writer thread's alone
+        self._read_jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._readers = [
+            threading.Thread(target=self._read_loop, name=f"rookery-kv-reader-{i}", daemon=True)
+            for i in range(READER_THREADS)
+        ]
+        for thread in self._readers:
+            thread.start()
         self.batches = 0  # group commits done, for benchmarks and tests
         self.commits = 0
 
@@ -406,22 +465,39 @@ class EmbeddedDatabase:
         if self._closed:
             raise StoreUnavailable("store is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._run_read, fn)
+        future: asyncio.Future[T] = loop.create_future()
+        self._read_jobs.put(_Job(fn, loop, future))
+        return await future
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._jobs.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
-        self._readers.shutdown(wait=True)
+        for _ in self._readers:
+            self._read_jobs.put(None)
+        loop = asyncio.get_running_loop()
+        for thread in [self._writer, *self._readers]:
+            await loop.run_in_executor(None, thread.join)
 
     # -- readers ------------------------------------------------------------
 
-    def _run_read(self, fn: Callable[[ReadTransaction], T]) -> T:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = _connect(self.path)
+    def _read_loop(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while (job := self._read_jobs.get()) is not None:
+                if conn is None:
+                    conn = _connect(self.path)
+                try:
+                    result, error = self._run_read(conn, job.fn), None
+                except BaseException as exc:  # noqa: BLE001 - delivered to the caller
+                    result, error = None, exc
+                self._hand_back.put(job.loop, job.future, result, error)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _run_read(self, conn: sqlite3.Connection, fn: Callable[[ReadTransaction], T]) -> T:
         attempts = 0
         while True:
             conn.execute("BEGIN")
@@ -460,8 +536,9 @@ class EmbeddedDatabase:
                 pending = self._run_batch(conn, batch) + pending
             except BaseException as exc:  # the writer must outlive any one batch
                 log.exception("store writer failed a batch")
+                self._cache.clear()
                 for job in batch:
-                    _deliver(job, None, StoreUnavailable(f"store writer error: {exc}"))
+                    self._deliver(job, None, StoreUnavailable(f"store writer error: {exc}"))
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
         conn.close()
@@ -476,13 +553,18 @@ class EmbeddedDatabase:
             log.warning("store busy, retrying batch: %s", exc)
             return self._requeue(batch, exc)
         pending = _Layer()
+        cache = self._cache
         try:
+            data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if data_version != cache.data_version:
+                cache.clear()  # another connection committed since our last batch
+                cache.data_version = data_version
             version = conn.execute(
                 "UPDATE meta SET value = value + 1 WHERE name = 'commit_version' RETURNING value"
             ).fetchone()[0]
             for order, job in enumerate(batch):
                 stamp = struct.pack(">QH", version, order)
-                tr = _WriteTransaction(conn, time.monotonic(), stamp, pending)
+                tr = _WriteTransaction(conn, time.monotonic(), stamp, pending, cache)
                 try:
                     job.result = job.fn(tr)
                     # A body past 5 s fails at commit on FoundationDB even if its last call was earlier.
@@ -494,28 +576,33 @@ class EmbeddedDatabase:
                     if isinstance(exc, RetryableError):
                         retry.append(job)
                     else:
-                        _deliver(job, None, exc)
+                        self._deliver(job, None, exc)
                     continue
                 tr.finish()
                 done.append(job)
-            pending.apply(conn)
+            pending.apply(conn, cache)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.warning("group commit failed, retrying %d bodies: %s", len(done), exc)
+            cache.clear()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             return self._requeue(done + retry, exc)
         self.batches += 1
         self.commits += len(done)
-        _deliver_all(done)
+        for job in done:
+            self._deliver(job, job.result, None)
         return self._requeue(retry, NotCommitted("conflict"))
+
+    def _deliver(self, job: _Job, result: Any, error: BaseException | None) -> None:
+        self._hand_back.put(job.loop, job.future, result, error)
 
     def _requeue(self, jobs: list[_Job], cause: BaseException) -> list[_Job]:
         again = []
         for job in jobs:
             job.attempts += 1
             if job.attempts > self.retry_limit:
-                _deliver(job, None, RetryLimitReached(f"gave up after {job.attempts} attempts: {cause}"))
+                self._deliver(job, None, RetryLimitReached(f"gave up after {job.attempts} attempts: {cause}"))
             else:
                 again.append(job)
         if again and not isinstance(cause, NotCommitted):
