@@ -12,7 +12,8 @@ may share the file: SQLite's write lock (``BEGIN IMMEDIATE`` with a busy
 timeout) orders their batches.
 
 Read-only transactions run on a small pool of reader connections: in WAL mode
-each sees a consistent snapshot without blocking the writer.
+each sees a consistent snapshot without blocking the writer. WAL checkpoints
+run in a thread of their own, so commits never wait behind one.
 
 ``inject_conflicts`` (0..1) makes that fraction of successful bodies fail with
 :class:`NotCommitted` after running, their writes undone, so tests exercise
@@ -64,6 +65,15 @@ DB_FILENAME = "rookery.sqlite3"
 MAX_BATCH = 256
 BUSY_TIMEOUT_MS = 10_000
 READER_THREADS = 4
+# WAL checkpoints run in a thread of their own (PASSIVE: they never block
+# the writer or readers), asked for every CHECKPOINT_EVERY batches and at
+# least every CHECKPOINT_IDLE seconds. The writer's own automatic checkpoint
+# stays as a backstop at WRITER_AUTOCHECKPOINT pages, and the WAL file is cut
+# back to JOURNAL_SIZE_LIMIT after it was reset.
+CHECKPOINT_EVERY = 32
+CHECKPOINT_IDLE = 2.0
+WRITER_AUTOCHECKPOINT = 20_000
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -439,6 +449,9 @@ class EmbeddedDatabase:
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="rookery-kv-writer", daemon=True)
         self._writer.start()
+        self._checkpoint_wanted = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="rookery-kv-checkpoint", daemon=True)
+        self._checkpointer.start()
         self._hand_back = _HandBack()
         self._cache = _ReadCache()  # the writer thread's alone
         self._read_jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -476,8 +489,9 @@ class EmbeddedDatabase:
         self._jobs.put(None)
         for _ in self._readers:
             self._read_jobs.put(None)
+        self._checkpoint_wanted.set()
         loop = asyncio.get_running_loop()
-        for thread in [self._writer, *self._readers]:
+        for thread in [self._writer, *self._readers, self._checkpointer]:
             await loop.run_in_executor(None, thread.join)
 
     # -- readers ------------------------------------------------------------
@@ -512,8 +526,31 @@ class EmbeddedDatabase:
 
     # -- writer -------------------------------------------------------------
 
+    def _checkpoint_loop(self) -> None:
+        """Copy the WAL back into the database file off the writer's path: a
+        checkpoint in the writer (SQLite's default) stalls every commit behind
+        it for the time it takes to write and fsync the database file."""
+        conn: sqlite3.Connection | None = None
+        try:
+            while not self._closed:
+                self._checkpoint_wanted.wait(CHECKPOINT_IDLE)
+                self._checkpoint_wanted.clear()
+                if self._closed:
+                    break
+                if conn is None:
+                    conn = _connect(self.path)
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # busy with another process's checkpoint: next time
+                    log.debug("checkpoint skipped: %s", exc)
+        finally:
+            if conn is not None:
+                conn.close()
+
     def _write_loop(self) -> None:
         conn = _connect(self.path)
+        conn.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT}")
+        conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         pending: list[_Job] = []
         stop = False
         while not stop or pending:
@@ -589,6 +626,8 @@ class EmbeddedDatabase:
                 conn.execute("ROLLBACK")
             return self._requeue(done + retry, exc)
         self.batches += 1
+        if self.batches % CHECKPOINT_EVERY == 0:
+            self._checkpoint_wanted.set()
         self.commits += len(done)
         for job in done:
             self._deliver(job, job.result, None)

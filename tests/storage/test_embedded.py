@@ -110,3 +110,20 @@ async def test_big_batches_are_flushed_as_they_grow(db: EmbeddedDatabase) -> Non
     await asyncio.gather(*(db.transact(body(i)) for i in range(6)))  # ~21 MB in all
     rows = await db.read(lambda tr: tr.get_range(*prefix_range(ITEMS)))
     assert len(rows) == 240 and all(v == value for _, v in rows)
+
+
+async def test_wal_is_checkpointed_off_the_writer(tmp_path: Path) -> None:
+    db = EmbeddedDatabase(tmp_path / "data")
+    try:
+        value = b"w" * 10_000
+        for i in range(200):  # 200 batches: the checkpointer is asked several times
+            await db.transact(lambda tr, i=i: tr.set(pack(ITEMS + (i,)), value))
+        main_file = Path(db.path)
+        deadline = asyncio.get_running_loop().time() + 10
+        # The writer's own automatic checkpoint is far above 2 MB, so only the
+        # checkpoint thread can have copied the rows into the main file.
+        while main_file.stat().st_size < 1_500_000:
+            assert asyncio.get_running_loop().time() < deadline, "no checkpoint ran"
+            await asyncio.sleep(0.05)
+    finally:
+        await db.close()
