@@ -244,6 +244,11 @@ def email(acct: int, email_id: int) -> bytes:
     return pack(("m", acct, "email", email_id))
 
 
+def emails_span(acct: int, first: int, last: int) -> tuple[bytes, bytes]:
+    """Records and structure chunks of the emails ``first`` to ``last``."""
+    return email(acct, first), email_structs(acct, last)[1]
+
+
 def thread_ref(acct: int, ref_hash: bytes) -> bytes:
     return pack(("m", acct, "ref", ref_hash))
 

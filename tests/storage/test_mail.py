@@ -205,3 +205,21 @@ async def test_operations_on_many_messages_run_in_chunks(store: Storage, monkeyp
     await store.mail.append_many(acct, "INBOX", [(RAW + bytes([97 + i]), (), None) for i in range(7)])
     await store.remove_account("alice@example.org")
     assert await store.db.read(lambda tr: tr.get_range(*keys.account_data(acct))) == []
+
+
+async def test_get_emails_reads_dense_and_sparse_ids_alike(store: Storage) -> None:
+    acct = await make_account(store)
+    big = b"Subject: big\r\n\r\n" + b"x" * 150_000  # structure small, blob large
+    for i in range(30):
+        raw = big if i == 7 else b"Subject: m%d\r\nMessage-ID: <%d@t>\r\n\r\nbody %d\r\n" % (i, i, i)
+        await store.mail.append(acct, "INBOX", raw)
+    ids = [m.email_id for m, _ in await store.mail.list_messages(acct, "INBOX")]
+
+    def one_by_one(tr: object, wanted: list[int]) -> list[mail.Email]:
+        return [e for e in (mail.get_email(tr, acct, i) for i in wanted) if e is not None]  # type: ignore[arg-type]
+
+    for wanted in (ids[3:20], ids[::7], [ids[25], ids[2], ids[9]], [ids[0]], ids + [max(ids) + 5]):
+        got = await store.db.read(lambda tr: mail.get_emails(tr, acct, wanted))
+        expected = await store.db.read(lambda tr: one_by_one(tr, wanted))
+        assert [(e.id, e.digest, e.size, e.encoded) for e in got] == [(e.id, e.digest, e.size, e.encoded) for e in expected]
+        assert all(e.structure is not None for e in got)
