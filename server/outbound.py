@@ -390,6 +390,7 @@ class OutboundWorker:
         self.owner = f"{node_id or 'node'}-{secrets.token_hex(6)}"
         self._held: dict[int, QueuedMessage] = {}
         self._slots: set[tuple[str, int]] = set()
+        self._releases: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -438,6 +439,8 @@ class OutboundWorker:
             except Exception:
                 log.exception("release failed", extra={"queue_id": format_id(qid)})
             self._held.pop(qid, None)
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
         for rule, n in list(self._slots):
             with contextlib.suppress(Exception):
                 await self.queue.release_slot(rule, n, self.owner)
@@ -559,13 +562,17 @@ class OutboundWorker:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 log.error("delivery group failed: %r", outcome, exc_info=outcome)
-        for msg in msgs:
-            try:
-                await self._finish(msg, results)
-            except Exception:
-                log.exception("could not record delivery results", extra={"queue_id": msg.qid})
-            finally:
-                self._held.pop(msg.id, None)
+        # Results of the whole batch at once: their transactions share group
+        # commits instead of waiting for one another.
+        await asyncio.gather(*(self._finish_one(msg, results) for msg in msgs))
+
+    async def _finish_one(self, msg: QueuedMessage, results: Results) -> None:
+        try:
+            await self._finish(msg, results)
+        except Exception:
+            log.exception("could not record delivery results", extra={"queue_id": msg.qid})
+        finally:
+            self._held.pop(msg.id, None)
 
     async def _finish(self, msg: QueuedMessage, results: Results) -> None:
         now = self.clock()
@@ -712,7 +719,12 @@ class OutboundWorker:
             else:
                 self._settle(group, results, Outcome(DEFERRED, last))
         finally:
-            await self._release(slots)
+            if slots:
+                # Freed in the background: the batch's results need not wait
+                # for it (stop() frees whatever is still held).
+                task = asyncio.create_task(self._release(list(slots)), name="outbound-slot-release")
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
 
     async def _acquire(self, rules: Sequence[ThrottleRule], held: list[tuple[str, int]]) -> bool:
         loop = asyncio.get_running_loop()
@@ -740,14 +752,16 @@ class OutboundWorker:
         return True
 
     async def _release(self, held: list[tuple[str, int]]) -> None:
-        if held:
-            self._slot_freed.set()
         for rule, n in held:
             self._slots.discard((rule, n))
             try:
                 await self.queue.release_slot(rule, n, self.owner)
             except Exception:
                 log.exception("throttle slot release failed")  # it expires on its own
+        if held:
+            # Only now that the store has the slots free: a waiter woken
+            # earlier would find them still taken and back off for longer.
+            self._slot_freed.set()
         held.clear()
 
     async def _session(
