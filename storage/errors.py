@@ -33,6 +33,15 @@ class InvalidInput(RookeryError):
     http = (400, "invalidArguments")
 
 
+class HasChildren(RookeryError):
+    """The mailbox has child mailboxes; delete them first."""
+
+    smtp = "550 5.2.0 Mailbox has children"
+    # RFC 9051 §6.3.4 and §7.1: a refused DELETE says why with HASCHILDREN.
+    imap = ("NO", "HASCHILDREN")
+    http = (409, "mailboxHasChild")
+
+
 class NotFound(RookeryError):
     """No such object."""
 

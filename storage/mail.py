@@ -31,6 +31,7 @@ from .directory import get_account
 from .errors import (
     AlreadyExists,
     Forbidden,
+    HasChildren,
     InvalidInput,
     MailboxNotFound,
     QuotaExceeded,
@@ -392,7 +393,7 @@ def delete_mailbox(tr: Transaction, acct: int, name: str) -> Mailbox:
     if box.name == "INBOX":
         raise Forbidden("INBOX cannot be deleted")
     if _children(tr, acct, box.name):
-        raise InvalidInput(f"mailbox {box.name} has children; delete them first")
+        raise HasChildren(f"mailbox {box.name} has children; delete them first")
     messages = [Message.from_bytes(v) for k, v in tr.get_range(*keys.messages(acct, box.id))]
     _remove_messages(tr, acct, box.id, messages, modseq=None)
     for begin, end in keys.mailbox_all(acct, box.id):

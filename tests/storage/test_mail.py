@@ -10,7 +10,7 @@ import pytest
 from helpers import make_account
 
 from storage import Storage, blobs, keys, mail
-from storage.errors import AlreadyExists, Forbidden, InvalidInput, MailboxNotFound, QuotaExceeded
+from storage.errors import AlreadyExists, Forbidden, HasChildren, InvalidInput, MailboxNotFound, QuotaExceeded
 
 RAW = b"From: a@b.test\r\nSubject: hi\r\nMessage-ID: <root@b.test>\r\n\r\nhello\r\n"
 REPLY = b"From: c@b.test\r\nSubject: Re: hi\r\nIn-Reply-To: <root@b.test>\r\n\r\nyes\r\n"
@@ -93,7 +93,7 @@ async def test_mailbox_create_rename_delete(store: Storage) -> None:
     await store.mail.write(acct, lambda tr: mail.rename_mailbox(tr, acct, "Projects", "Work"))
     names = [b.name for b in await store.db.read(lambda tr: mail.list_mailboxes(tr, acct))]
     assert "Work/2026/Q1" in names and not any(n.startswith("Projects") for n in names)
-    with pytest.raises(InvalidInput):
+    with pytest.raises(HasChildren):
         await store.mail.write(acct, lambda tr: mail.delete_mailbox(tr, acct, "Work"))
     with pytest.raises(Forbidden):
         await store.mail.write(acct, lambda tr: mail.delete_mailbox(tr, acct, "inbox"))

@@ -1037,6 +1037,7 @@ async def test_create_delete_rename_subscribe(node: Node) -> None:
             out["inbox"] = w.ok("STATUS INBOX (MESSAGES UIDVALIDITY)")
             out["del_inbox"] = w.cmd("DELETE INBOX")[1]
             out["del_missing"] = w.cmd("DELETE Nope")[1]
+            out["del_parent"] = w.cmd("DELETE Work/2024")[1]
             w.ok("DELETE Work/2024/Q1")
             out["after_delete"] = w.ok('LIST "" Work*')
             w.ok("UNSUBSCRIBE Junk")
@@ -1049,6 +1050,7 @@ async def test_create_delete_rename_subscribe(node: Node) -> None:
 
     o = await run(go)
     assert status_word(o["dup"]) == b"NO" and code(o["dup"]) == b"ALREADYEXISTS"
+    assert status_word(o["del_parent"]) == b"NO" and code(o["del_parent"]) == b"HASCHILDREN"
     assert status_word(o["badcreate"]) in (b"NO", b"BAD")
     assert _names(o["all"]) == [b"INBOX", b"Archive", b"Drafts", b"Junk", b"MyDrafts", b"Projects", b"Projects/2024",
                                 b"Projects/2024/Q1", b"Sent", b"Trash"]
