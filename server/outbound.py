@@ -868,7 +868,7 @@ class OutboundWorker:
         options = []
         if client.supports_extension("size"):
             options.append(f"SIZE={len(body)}")
-        if client.supports_extension("8bitmime") and any(b > 127 for b in body):
+        if client.supports_extension("8bitmime") and not body.isascii():
             options.append("BODY=8BITMIME")
         encoding = "ascii"
         if msg.smtputf8 or not (msg.sender.isascii() and all(a.isascii() for a in addresses)):

@@ -204,7 +204,13 @@ class _Layer:
         lo = bisect.bisect_left(self.keys, begin)
         if lo < len(self.keys) and self.keys[lo] < end:
             return True
+        return self.clears(begin, end)
+
+    def clears(self, begin: bytes, end: bytes) -> bool:
         return any(b < end and begin < e for b, e in self.ranges)
+
+    def keys_in(self, begin: bytes, end: bytes) -> list[bytes]:
+        return self.keys[bisect.bisect_left(self.keys, begin) : bisect.bisect_left(self.keys, end)]
 
     def merge(self, later: _Layer) -> None:
         """Apply ``later``'s writes, which came after this layer's."""
@@ -264,9 +270,10 @@ LAYER_FLUSH_BYTES = 8 * 1024 * 1024
 class _WriteTransaction(_Reads):
     """One body of a group commit. Its writes stay in Python (``_body``) until
     the body succeeds; they then join the batch's pending writes (``_batch``),
-    which reach SQLite at commit. Reads see body, then batch, then SQLite. A
-    range read that overlaps pending writes puts them into SQLite first (the
-    body's under a savepoint, so a failing body can still be undone)."""
+    which reach SQLite at commit. Reads see body, then batch, then SQLite;
+    range reads merge pending keys over SQLite's rows. Only a range read over
+    a range cleared in the batch puts the pending writes into SQLite first
+    (the body's under a savepoint, so a failing body can still be undone)."""
 
     def __init__(self, conn: sqlite3.Connection, started: float, stamp: bytes, batch: _Layer, cache: _ReadCache) -> None:
         super().__init__(conn, started)
@@ -329,9 +336,24 @@ class _WriteTransaction(_Reads):
         return value
 
     def get_range(self, begin: bytes, end: bytes, limit: int = 0, reverse: bool = False) -> list[KeyValue]:
-        if self._body.touches(begin, end) or self._batch.touches(begin, end):
+        body, batch = self._body, self._batch
+        if not (body.touches(begin, end) or batch.touches(begin, end)):
+            return super().get_range(begin, end, limit, reverse)
+        if body.clears(begin, end) or batch.clears(begin, end):
+            # A cleared range may hide any number of rows: let SQLite do it.
             self.flush()
-        return super().get_range(begin, end, limit, reverse)
+            return super().get_range(begin, end, limit, reverse)
+        # Pending keys in the range: merged over what SQLite has. Of the rows
+        # SQLite returns, at most len(pending) are replaced or deleted, so
+        # ``limit + len(pending)`` of them always cover the first ``limit``.
+        pending: dict[bytes, bytes | None] = {}
+        for layer in (batch, body):  # the body's writes came last
+            for key in layer.keys_in(begin, end):
+                pending[key] = layer.writes[key]
+        merged: dict[bytes, bytes | None] = dict(super().get_range(begin, end, limit + len(pending) if limit > 0 else 0, reverse))
+        merged.update(pending)
+        rows = sorted(((k, v) for k, v in merged.items() if v is not None), reverse=reverse)
+        return rows[:limit] if limit > 0 else rows
 
     def set(self, key: bytes, value: bytes) -> None:
         check_key(key)

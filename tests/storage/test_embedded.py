@@ -127,3 +127,59 @@ async def test_wal_is_checkpointed_off_the_writer(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
     finally:
         await db.close()
+
+
+async def test_range_reads_merge_pending_writes_like_a_model(db: EmbeddedDatabase) -> None:
+    """Random writes, clears and range reads (limits, reverse) in bodies of
+    shared batches give what a plain dict model of the store gives."""
+    import random
+
+    rnd = random.Random(7)
+    model: dict[bytes, bytes] = {}
+    space = [pack(ITEMS + (i,)) for i in range(40)]
+    await db.transact(lambda tr: [tr.set(k, b"base") for k in space[::3]])
+    model.update({k: b"base" for k in space[::3]})
+
+    def body_for(ops: list[tuple[str, int, int]]):  # type: ignore[no-untyped-def]
+        def fn(tr: Transaction) -> list[object]:
+            seen: list[object] = []
+            for op, a, b in ops:
+                if op == "set":
+                    tr.set(space[a], b"v%d" % b)
+                elif op == "clear":
+                    tr.clear(space[a])
+                elif op == "clear_range":
+                    tr.clear_range(space[min(a, b)], space[max(a, b)])
+                else:
+                    lo, hi = space[min(a, b)], space[max(a, b)]
+                    seen.append(tr.get_range(lo, hi, limit=b % 5, reverse=op == "rrange"))
+            return seen
+
+        return fn
+
+    def run_model(ops: list[tuple[str, int, int]]) -> list[object]:
+        seen: list[object] = []
+        for op, a, b in ops:
+            if op == "set":
+                model[space[a]] = b"v%d" % b
+            elif op == "clear":
+                model.pop(space[a], None)
+            elif op == "clear_range":
+                for k in [k for k in model if space[min(a, b)] <= k < space[max(a, b)]]:
+                    del model[k]
+            else:
+                lo, hi = space[min(a, b)], space[max(a, b)]
+                rows = sorted(((k, v) for k, v in model.items() if lo <= k < hi), reverse=op == "rrange")
+                seen.append(rows[: b % 5] if b % 5 else rows)
+        return seen
+
+    for _ in range(15):
+        bodies = []
+        for _ in range(6):
+            kinds = ["set"] * 4 + ["clear"] * 2 + ["range", "rrange"] * 2 + (["clear_range"] if rnd.random() < 0.3 else [])
+            bodies.append([(rnd.choice(kinds), rnd.randrange(40), rnd.randrange(40)) for _ in range(12)])
+        # Bodies of one gather share batches and run in submission order.
+        results = await asyncio.gather(*(db.transact(body_for(ops)) for ops in bodies))
+        for ops, got in zip(bodies, results):
+            assert got == run_model(ops)
+    assert await db.read(lambda tr: tr.get_range(space[0], space[-1] + b"\xff")) == sorted(model.items())
