@@ -453,8 +453,8 @@ def test_forged_and_replayed_frames_are_dropped(tmp_path: Path, node_processes: 
 def test_drain_and_sigterm_say_bye_and_lose_nothing(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
     """Operator drain of node 2 under SMTP load, SIGTERM of node 3.
 
-    Not covered yet: handing a draining node's outbound queue leases over
-    (the queue does not take leases from the cluster service yet)."""
+    A drained node's outbound queue leases, held mid-delivery, are covered by
+    ``test_outbound_cluster.py::test_drained_node_hands_back_its_queue_leases``."""
     data, (one, two, three) = start_cluster(tmp_path, node_processes)
     ids = [node_id(n) for n in (one, two, three)]
     acked: list[str] = []

@@ -275,3 +275,60 @@ async def test_hourly_limit_holds_across_the_cluster(tmp_path: Path, node_proces
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_drained_node_hands_back_its_queue_leases(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    """``rookery node drain`` of a node in the middle of deliveries (the sink
+    holds its DATA for long): the node exits within its shutdown deadline and
+    leaves no lease behind, so another node delivers everything at once
+    rather than after the leases would have expired. Nothing is lost."""
+    n, long_lease = 30, 120.0
+    data = tmp_path / "data"
+    await fill(data, n)
+    sink = Sink(delay=30.0)  # every DATA hangs: the node holds its batch
+    server = await asyncio.get_running_loop().create_server(sink.protocol, "127.0.0.1", 0)
+    storage = Storage.open("embedded", data_dir=data)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        config = tmp_path / "drain.toml"
+        config.write_text(
+            f'[routes]\n"*" = "127.0.0.1:{port}"\n'
+            f"[queue]\npoll_interval = 0.3\nlease_seconds = {long_lease}\nmax_connections = 2\n"
+        )
+
+        def start(name: str) -> NodeProcess:
+            proc = NodeProcess(data, ("http",), "--config", str(config), "--set", f"server.hostname={name}")
+            node_processes.append(proc)
+            return proc
+
+        first = await asyncio.to_thread(start, "first.test")
+        m = _NODE_ID.search(first.output())
+        assert m, first.output()
+        await asyncio.to_thread(rookery, "queue", "resume", data=data)
+        queue = Queue(storage.db)
+
+        async def held() -> int:
+            return sum(1 for msg in await queue.list_messages() if msg.lease_owner)
+
+        async with asyncio.timeout(20):
+            while sink.open == 0 or await held() == 0:
+                await asyncio.sleep(0.1)
+        holding = await held()
+        await asyncio.to_thread(rookery, "node", "drain", m.group(1), data=data)
+        code = await asyncio.to_thread(first.proc.wait, 15)
+        assert code == 0, first.output()
+        assert await held() == 0, "the drained node left leases behind"
+        assert len(await queue.list_messages()) == n  # nothing delivered (the sink never answered), nothing lost
+
+        sink.delay = 0.0
+        t0 = time.monotonic()
+        await asyncio.to_thread(start, "second.test")
+        await sink.wait_for(lambda: set(sink.copies()) >= set(message_ids(n)), 30)
+        took = time.monotonic() - t0
+        assert took < long_lease / 4, f"took {took:.1f}s: leases were waited out, not handed back"
+        assert set(sink.copies()) == set(message_ids(n))
+        print(f"\ndrain: first node held {holding} leases, second delivered all {n} in {took:.1f}s")
+    finally:
+        await storage.close()
+        server.close()
+        await server.wait_closed()
