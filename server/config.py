@@ -118,6 +118,8 @@ SCHEMA: tuple[Option, ...] = (
     Option("queue", "retry_min", _float, 300.0, "Seconds before the first retry; the delay doubles each attempt."),
     Option("queue", "retry_max", _float, 3600.0, "Longest delay between retries."),
     Option("queue", "lifetime", _float, 432000.0, "Seconds before undelivered mail is bounced (default 5 days)."),
+    Option("queue", "delay_warning", _float, 0.0,
+           "Seconds a message may wait before its sender gets one delay warning (RFC 3464 Action: delayed); 0: never."),
     Option("queue", "lease_seconds", _float, 60.0, "A node's hold on a message it delivers; renewed every third of it."),
     Option("queue", "max_connections", _int, 20, "Outgoing SMTP connections per node."),
     Option("queue", "poll_interval", _float, 15.0, "Seconds between queue scans when no refresh arrives."),

@@ -103,6 +103,8 @@ class OutboundSettings:
     #: Adaptive backoff of a destination after 4xx: first delay, cap.
     backoff_min: float = 60.0
     backoff_max: float = 3600.0
+    #: Seconds in the queue before the sender is warned once of the delay (0: never).
+    delay_warning: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,31 +252,39 @@ def build_dsn(
     failed: Sequence[Recipient],
     original_headers: bytes,
     now: float,
+    delayed: Sequence[Recipient] = (),
 ) -> bytes:
-    """A non-delivery report (RFC 3464 multipart/report, report-type=delivery-status)."""
+    """A delivery status notification (RFC 3464 multipart/report,
+    report-type=delivery-status): recipients that ``failed`` (a bounce) and
+    recipients still being retried (``delayed``: a delay warning)."""
     boundary = f"{secrets.token_hex(12)}={hostname}"
     date = formatdate(now, localtime=False)
-    human = [
-        f"This is the mail system at host {hostname}.",
-        "",
-        "Your message could not be delivered to one or more recipients.",
-        "It is attached below (headers only).",
-        "",
-    ]
-    for r in failed:
-        human.append(f"<{r.address}>: {r.reply or 'delivery failed'}")
+    human = [f"This is the mail system at host {hostname}.", ""]
+    if failed:
+        human += ["Your message could not be delivered to one or more recipients.",
+                  "It is attached below (headers only).", ""]
+        human += [f"<{r.address}>: {r.reply or 'delivery failed'}" for r in failed]
+    if delayed:
+        if failed:
+            human.append("")
+        until = formatdate(msg.expires, localtime=False)
+        human += ["Your message could not be delivered yet to the recipients below.",
+                  f"Delivery will be retried until {until}; you need not send it again.", ""]
+        human += [f"<{r.address}>: {r.reply or 'delivery delayed'}" for r in delayed]
     per_message = [
         f"Reporting-MTA: dns; {hostname}",
         f"X-Rookery-Queue-ID: {msg.qid}",
         f"Arrival-Date: {formatdate(msg.created, localtime=False)}",
     ]
     blocks = ["\r\n".join(per_message)]
-    for r in failed:
+    for action, r in [("failed", r) for r in failed] + [("delayed", r) for r in delayed]:
         fields = [
             f"Final-Recipient: rfc822; {r.address}",
-            "Action: failed",
-            f"Status: {status_of(r.reply)}",
+            f"Action: {action}",
+            f"Status: {status_of(r.reply) if action == 'failed' else '4' + status_of(r.reply, failed=False)[1:]}",
         ]
+        if action == "delayed":
+            fields.append(f"Will-Retry-Until: {formatdate(msg.expires, localtime=False)}")
         if r.remote:
             fields.append(f"Remote-MTA: dns; {r.remote}")
             fields.append(f"Diagnostic-Code: smtp; {_one_line(r.reply)}")
@@ -291,7 +301,7 @@ def build_dsn(
     top = (
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
         f"To: <{msg.sender}>\r\n"
-        "Subject: Undelivered Mail Returned to Sender\r\n"
+        f"Subject: {'Undelivered Mail Returned to Sender' if failed else 'Delayed Mail (still being retried)'}\r\n"
         f"Date: {date}\r\n"
         f"Message-ID: {make_msgid(domain=hostname)}\r\n"
         "Auto-Submitted: auto-replied\r\n"
@@ -316,7 +326,7 @@ def build_dsn(
         f"--{boundary}\r\n"
         + ("Content-Type: text/rfc822-headers; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
            if eight_bit else "Content-Type: text/rfc822-headers\r\n")
-        + "Content-Description: Undelivered Message Headers\r\n"
+        + f"Content-Description: {'Undelivered' if failed else 'Delayed'} Message Headers\r\n"
         + "\r\n"
     ).encode("utf-8", "surrogateescape")
     return top + headers + f"\r\n--{boundary}--\r\n".encode()
@@ -612,8 +622,14 @@ class OutboundWorker:
         dsn = None
         for r in failed:
             r.notified = True
-        if failed and msg.sender and not msg.dsn:
-            dsn = await self._make_dsn(msg, failed, now)
+        delayed: list[Recipient] = []
+        warn_after = self.settings.delay_warning
+        if warn_after > 0 and not msg.warned and msg.sender and not msg.dsn and now - msg.created >= warn_after:
+            # One warning per message, for the recipients still deferred.
+            delayed = [r for r in msg.open_recipients if r.status == DEFERRED]
+            msg.warned = bool(delayed)
+        if (failed or delayed) and msg.sender and not msg.dsn:
+            dsn = await self._make_dsn(msg, failed, now, delayed)
         if not await self.queue.finish(msg, self.owner, dsn):
             log.warning("lease lost before results were stored", extra={"queue_id": msg.qid})
             return
@@ -630,9 +646,11 @@ class OutboundWorker:
         if dsn is not None:
             self.refresh()
 
-    async def _make_dsn(self, msg: QueuedMessage, failed: list[Recipient], now: float) -> QueuedMessage | None:
+    async def _make_dsn(
+        self, msg: QueuedMessage, failed: list[Recipient], now: float, delayed: Sequence[Recipient] = ()
+    ) -> QueuedMessage | None:
         headers = await self.queue.read_headers(msg, DSN_HEADERS_MAX)
-        raw = build_dsn(self.settings.hostname, msg, failed, headers, now)
+        raw = build_dsn(self.settings.hostname, msg, failed, headers, now, delayed)
         local = await self.queue.local_account(msg.sender)
         if local is None and await self.queue.is_local_domain(domain_of(msg.sender)):
             log.warning("bounce dropped: unknown local sender", extra={"queue_id": msg.qid, "from": msg.sender})
@@ -932,6 +950,7 @@ def from_config(config: Any) -> tuple[OutboundSettings, dict[str, Route], list[T
         smtp_port=q.smtp_port,
         tls_verify=q.tls_verify,
         tls_ca_file=q.tls_ca_file,
+        delay_warning=q.delay_warning,
     )
     return settings, parse_routes(config.extra.get("routes")), parse_throttles(config.extra.get("throttle"))
 
@@ -986,7 +1005,7 @@ def format_message(m: QueuedMessage) -> str:
         f"created:   {_when(m.created)}",
         f"next:      {_when(m.next_attempt)}",
         f"expires:   {_when(m.expires)}",
-        f"attempts:  {m.attempts}",
+        f"attempts:  {m.attempts}" + ("  (sender warned of the delay)" if m.warned else ""),
     ]
     if m.lease_owner:
         lines.append(f"lease:     {m.lease_owner} until {_when(m.lease_expires)}")

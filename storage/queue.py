@@ -131,6 +131,8 @@ class QueuedMessage:
     dsn: bool = False
     #: MAIL parameters to pass on (SMTPUTF8, BODY=8BITMIME).
     smtputf8: bool = False
+    #: A delay warning went to the sender (at most one per message).
+    warned: bool = False
     #: Set by reads: the lease, if any.
     lease_owner: str = ""
     lease_expires: float = 0.0
@@ -155,6 +157,7 @@ class QueuedMessage:
             "n": len(self.recipients),
             "dsn": self.dsn,
             "utf8": self.smtputf8,
+            "warned": self.warned,
         }
         return json.dumps(data, separators=(",", ":")).encode()
 
@@ -173,6 +176,7 @@ class QueuedMessage:
             recipients=recipients,
             dsn=bool(data.get("dsn", False)),
             smtputf8=bool(data.get("utf8", False)),
+            warned=bool(data.get("warned", False)),
         )
 
 
@@ -349,8 +353,9 @@ def release(tr: Transaction, qid: int, owner: str, now: float, next_time: float 
 
 
 def defer(tr: Transaction, qid: int, owner: str, next_time: float, recipients: Sequence[Recipient] | None = None,
-          attempts: int | None = None) -> bool:
-    """Store recipient results (if given), set the next attempt, release."""
+          attempts: int | None = None, warned: bool = False) -> bool:
+    """Store recipient results (if given), set the next attempt, release.
+    ``warned``: the sender has now been sent a delay warning."""
     try:
         msg, lease = _check_owner(tr, qid, owner)
     except LeaseLost:
@@ -361,6 +366,7 @@ def defer(tr: Transaction, qid: int, owner: str, next_time: float, recipients: S
         msg.recipients = list(recipients)
     if attempts is not None:
         msg.attempts = attempts
+    msg.warned = msg.warned or warned
     tr.clear(keys.queue_due(ms(lease.expires), qid))
     tr.clear(keys.queue_lease(qid))
     msg.next_attempt = next_time
@@ -403,7 +409,7 @@ def finish(tr: Transaction, msg: QueuedMessage, owner: str, dsn: QueuedMessage |
         put_message(tr, dsn)
     if not msg.open_recipients:
         return remove_message(tr, msg.id)
-    return defer(tr, msg.id, owner, msg.next_attempt, msg.recipients, msg.attempts)
+    return defer(tr, msg.id, owner, msg.next_attempt, msg.recipients, msg.attempts, msg.warned)
 
 
 def retry_now(tr: Transaction, qid: int, now: float) -> bool:

@@ -616,7 +616,7 @@ async def test_flush_and_drain_to_another_server(env: SimpleNamespace, sink: tup
 def test_settings_from_config() -> None:
     queue = SimpleNamespace(
         retry_min=60.0, retry_max=600.0, lease_seconds=45.0, max_connections=7, poll_interval=5.0,
-        connect_timeout=10.0, smtp_port=2525, tls_verify=True, tls_ca_file="",
+        connect_timeout=10.0, smtp_port=2525, tls_verify=True, tls_ca_file="", delay_warning=14400.0,
     )
     config = SimpleNamespace(
         hostname="mx.test", queue=queue,
@@ -624,5 +624,58 @@ def test_settings_from_config() -> None:
     )
     settings, routes, throttles = from_config(config)
     assert settings.retry_min == 60 and settings.smtp_port == 2525 and settings.tls_verify
+    assert settings.delay_warning == 14400
     assert routes == {"*": Route("smart.test", 587)}
     assert throttles == [ThrottleRule("*.big.test", "mx", 3, 0)]
+
+
+async def test_delay_warning_once_then_delivery_goes_on(env: SimpleNamespace, sink: tuple[Sink, int]) -> None:
+    box, port = sink
+    clock = env.clock
+    msg = await env.queue.enqueue("alice@example.org", ["temp@remote.test", "temp2@remote.test"],
+                                  body(subject="Slow one"), now=clock())
+    w = worker(env.storage, env.queue, port, clock, delay_warning=600.0)
+    assert await w.run_once() == 1  # deferred, too young for a warning
+    assert len(await env.queue.list_messages()) == 1
+    clock.advance(1000)
+    assert await w.run_once() == 1  # deferred again, now past the warning time
+    waiting = await env.queue.list_messages()
+    assert len(waiting) == 2 and {m.dsn for m in waiting} == {False, True}
+    assert await w.run_once() == 1  # the warning, delivered locally
+    [warning] = await inbox(env.storage, env.alice)
+    report, blocks, headers = parse_dsn(warning)
+    assert report["Subject"] == "Delayed Mail (still being retried)"
+    assert [b["Action"] for b in blocks] == ["delayed", "delayed"]
+    assert {b["Final-Recipient"] for b in blocks} == {"rfc822; temp@remote.test", "rfc822; temp2@remote.test"}
+    assert all(b["Status"] == "4.2.1" and b["Will-Retry-Until"] for b in blocks)
+    assert "Slow one" in headers
+    # Still queued, warned once only: later rounds send no second warning.
+    clock.advance(5000)
+    assert await w.run_once() == 1
+    [shown] = await env.queue.list_messages()
+    assert shown.id == msg.id and shown.warned
+    assert len(await inbox(env.storage, env.alice)) == 1
+    box.accept_temp = True
+    clock.advance(5000)
+    assert await w.run_once() == 1
+    assert await env.queue.list_messages() == []
+    assert sorted(r for m in box.messages for r in m.rcpts) == ["temp2@remote.test", "temp@remote.test"]
+
+
+async def test_no_delay_warning_by_default_or_for_null_sender(env: SimpleNamespace, sink: tuple[Sink, int]) -> None:
+    _, port = sink
+    clock = env.clock
+    await env.queue.enqueue("alice@example.org", ["temp@remote.test"], body(), now=clock())
+    await env.queue.enqueue("", ["temp@remote.test"], body(), now=clock())
+    plain = worker(env.storage, env.queue, port, clock)
+    for _ in range(3):
+        clock.advance(4000)
+        await plain.run_once()
+    assert not any(m.dsn for m in await env.queue.list_messages())  # off by default
+    warning = worker(env.storage, env.queue, port, clock, delay_warning=1.0)
+    for _ in range(3):
+        clock.advance(4000)
+        await warning.run_once()
+    # Alice got one warning; the null sender's message none.
+    assert len(await inbox(env.storage, env.alice)) == 1
+    assert sorted(m.warned for m in await env.queue.list_messages() if not m.dsn) == [False, True]
