@@ -421,7 +421,7 @@ class _HandBack:
     def put(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
         with self._lock:
             box = self._waiting.get(loop)
-            if box is not None:
+            if box is not None and not loop.is_closed():
                 box.append((future, result, error))
                 return
             self._waiting[loop] = [(future, result, error)]
