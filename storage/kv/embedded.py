@@ -164,31 +164,44 @@ class _ReadCache:
 class _Layer:
     """Writes not yet in SQLite, in the order that matters: ``ranges`` were
     cleared first, then ``writes`` (key to value, ``None`` for cleared) came
-    after them. ``keys`` is ``writes``' keys in order, for range checks."""
+    after them. ``_keys`` holds ``writes``' keys, sorted when a range check
+    needs them (a body may write hundreds of thousands of small keys, and
+    keeping the list sorted at every write would be quadratic)."""
 
-    __slots__ = ("writes", "keys", "ranges", "size")
+    __slots__ = ("writes", "_keys", "_sorted", "ranges", "size")
 
     def __init__(self) -> None:
         self.writes: dict[bytes, bytes | None] = {}
-        self.keys: list[bytes] = []
+        self._keys: list[bytes] = []
+        self._sorted = True
         self.ranges: list[tuple[bytes, bytes]] = []
         self.size = 0
 
     def __bool__(self) -> bool:
         return bool(self.writes) or bool(self.ranges)
 
+    @property
+    def keys(self) -> list[bytes]:
+        if not self._sorted:
+            self._keys.sort()
+            self._sorted = True
+        return self._keys
+
     def put(self, key: bytes, value: bytes | None) -> None:
         if key not in self.writes:
-            bisect.insort(self.keys, key)
+            if self._keys and key < self._keys[-1]:
+                self._sorted = False
+            self._keys.append(key)
         self.writes[key] = value
         self.size += len(key) + (len(value) if value is not None else 0)
 
     def clear_range(self, begin: bytes, end: bytes) -> None:
-        lo = bisect.bisect_left(self.keys, begin)
-        hi = bisect.bisect_left(self.keys, end)
-        for key in self.keys[lo:hi]:
+        keys = self.keys
+        lo = bisect.bisect_left(keys, begin)
+        hi = bisect.bisect_left(keys, end)
+        for key in keys[lo:hi]:
             del self.writes[key]
-        del self.keys[lo:hi]
+        del keys[lo:hi]
         self.ranges.append((begin, end))
 
     def lookup(self, key: bytes) -> tuple[bool, bytes | None]:
@@ -201,8 +214,11 @@ class _Layer:
         return False, None
 
     def touches(self, begin: bytes, end: bytes) -> bool:
-        lo = bisect.bisect_left(self.keys, begin)
-        if lo < len(self.keys) and self.keys[lo] < end:
+        if not self.writes:
+            return self.clears(begin, end)
+        keys = self.keys
+        lo = bisect.bisect_left(keys, begin)
+        if lo < len(keys) and keys[lo] < end:
             return True
         return self.clears(begin, end)
 
@@ -210,7 +226,8 @@ class _Layer:
         return any(b < end and begin < e for b, e in self.ranges)
 
     def keys_in(self, begin: bytes, end: bytes) -> list[bytes]:
-        return self.keys[bisect.bisect_left(self.keys, begin) : bisect.bisect_left(self.keys, end)]
+        keys = self.keys
+        return keys[bisect.bisect_left(keys, begin) : bisect.bisect_left(keys, end)]
 
     def merge(self, later: _Layer) -> None:
         """Apply ``later``'s writes, which came after this layer's."""
@@ -232,7 +249,8 @@ class _Layer:
         for key, value in self.writes.items():
             cache.put(key, value)
         self.writes.clear()
-        self.keys.clear()
+        self._keys.clear()
+        self._sorted = True
         self.ranges.clear()
         self.size = 0
 
