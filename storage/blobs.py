@@ -98,9 +98,13 @@ def unlink(tr: Transaction, digest: bytes, acct: int, email_id: int) -> None:
         tr.set(keys.blob_orphan(int(time.time()), digest), b"")
 
 
-def read_range(tr: ReadTransaction, digest: bytes, start: int = 0, length: int | None = None) -> bytes:
-    """Bytes ``start .. start+length`` of a blob, reading only the chunks needed."""
-    size = size_of(tr, digest)
+def read_range(
+    tr: ReadTransaction, digest: bytes, start: int = 0, length: int | None = None, size: int | None = None
+) -> bytes:
+    """Bytes ``start .. start+length`` of a blob, reading only the chunks
+    needed. ``size``: the blob's size when the caller has just read it."""
+    if size is None:
+        size = size_of(tr, digest)
     if size is None:
         return b""
     end = size if length is None else min(size, start + length)
@@ -122,7 +126,7 @@ async def read(db: Database, digest: bytes, start: int = 0, length: int | None =
         if size is None:
             return None, b""
         end = size if length is None else min(size, start + length)
-        return end, read_range(tr, digest, start, min(end - start, WRITE_BATCH))
+        return end, read_range(tr, digest, start, min(end - start, WRITE_BATCH), size)
 
     end, head = await db.read(first)
     if end is None or start + len(head) >= end:
