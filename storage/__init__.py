@@ -6,12 +6,68 @@ Protocols import from here and from :mod:`storage.errors`; never from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from . import mail
-from .directory import Account, Directory
-from .kv import Database, ReadTransaction, open_database
-from .mail import MailStore
+from . import keys, mail
+from .directory import Account, Directory, normalize_address, resolve_address
+from .errors import NotFound, RecipientChanged
+from .kv import Database, ReadTransaction, Transaction, open_database
+from .kv.base import decode_counter
+from .mail import Delivery, MailStore
+
+#: How long an RCPT answer is reused without asking the store (seconds), and
+#: how many are kept. Every delivery checks the answer against the store.
+RECIPIENT_CACHE_TTL = 30.0
+RECIPIENT_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRecipient:
+    """A local recipient as RCPT found it.
+
+    ``version`` is the directory's version when ``account`` was read; the
+    delivering transaction compares it with the store's and resolves the
+    address again if the directory changed since (DESIGN.md principle 1).
+    """
+
+    address: str
+    account: int
+    version: int
+
+
+@dataclass(slots=True)
+class RecipientCache:
+    """RCPT answers of this node, for accounts with no quota.
+
+    An account with a quota is asked every time: whether one more message
+    fits depends on mail that any node or protocol may have stored since.
+    An unknown address is never cached, so a new account takes mail at once.
+    The cache is a hint only: :meth:`Storage.deliver` checks each answer
+    against the store in the transaction that commits the message.
+    """
+
+    ttl: float = RECIPIENT_CACHE_TTL
+    size: int = RECIPIENT_CACHE_SIZE
+    entries: dict[str, tuple[LocalRecipient, float]] = field(default_factory=dict)
+
+    def get(self, address: str) -> LocalRecipient | None:
+        hit = self.entries.get(address)
+        if hit is None:
+            return None
+        if hit[1] < time.monotonic():
+            del self.entries[address]
+            return None
+        return hit[0]
+
+    def put(self, recipient: LocalRecipient) -> None:
+        if len(self.entries) >= self.size:
+            self.entries.clear()
+        self.entries[recipient.address] = (recipient, time.monotonic() + self.ttl)
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
 @dataclass(slots=True)
@@ -21,6 +77,7 @@ class Storage:
     db: Database
     directory: Directory
     mail: MailStore
+    recipients: RecipientCache = field(default_factory=RecipientCache)
 
     @classmethod
     def open(
@@ -44,20 +101,56 @@ class Storage:
         )
         return cls(db, directory, MailStore(db))
 
-    async def accept_recipient(self, address: str, size: int = 0) -> int:
+    async def accept_recipient(self, address: str, size: int = 0) -> LocalRecipient:
         """The account that takes mail for ``address``, checked for room for
         ``size`` more bytes, in one read (SMTP RCPT). Raises the directory's
-        errors or the temporary over-quota error."""
-        from .directory import normalize_address, resolve_address
+        errors or the temporary over-quota error.
 
+        The answer may come from this node's :class:`RecipientCache`; hand it
+        to :meth:`deliver`, which checks it against the store.
+        """
         normalized = normalize_address(address)
+        cached = self.recipients.get(normalized)
+        if cached is not None:
+            return cached
 
-        def fn(tr: ReadTransaction) -> int:
+        def fn(tr: ReadTransaction) -> tuple[LocalRecipient, int]:
+            version = decode_counter(tr.get(keys.DIRECTORY_VERSION))
             acct = resolve_address(tr, normalized)
-            mail.check_quota(tr, acct, size, temporary=True)
-            return acct
+            quota = mail.check_quota(tr, acct, size, temporary=True)
+            return LocalRecipient(normalized, acct, version), quota
 
-        return await self.db.read(fn)
+        recipient, quota = await self.db.read(fn)
+        if not quota:
+            self.recipients.put(recipient)
+        return recipient
+
+    async def deliver(self, recipients: Sequence[LocalRecipient], raw: bytes) -> list[Delivery]:
+        """Deliver ``raw`` to the INBOX of each recipient RCPT accepted, all or
+        none, once.
+
+        In the committing transaction, an answer older than the directory is
+        resolved again: the message goes where the store says now. An address
+        that no longer takes mail raises :class:`RecipientChanged` (4xx: the
+        client sends again and RCPT gets the new answer).
+        """
+        stale: list[bool] = [False]
+
+        def accounts(tr: Transaction) -> list[int]:
+            version = decode_counter(tr.get(keys.DIRECTORY_VERSION))
+            stale[0] = any(r.version != version for r in recipients)
+            if not stale[0]:
+                return [r.account for r in recipients]
+            try:
+                return [resolve_address(tr, r.address) for r in recipients]
+            except NotFound as exc:
+                raise RecipientChanged(f"{exc.text} (changed since RCPT)") from exc
+
+        try:
+            return await self.mail.deliver(accounts, raw)
+        finally:
+            if stale[0]:
+                self.recipients.clear()
 
     async def remove_account(self, email: str) -> None:
         """Remove an account and all its mail: messages first, in chunked

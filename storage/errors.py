@@ -70,6 +70,12 @@ class UnknownUser(NotFound):
     smtp = "550 5.1.1 No such user here"
 
 
+class RecipientChanged(RookeryError):
+    """A recipient's address changed owner or went away after RCPT; send again."""
+
+    smtp = "451 4.1.0 Recipient changed since RCPT, please try again"
+
+
 class MailboxNotFound(NotFound):
     """Mailbox does not exist."""
 

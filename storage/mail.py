@@ -728,12 +728,14 @@ def get_emails(tr: ReadTransaction, acct: int, email_ids: list[int]) -> list[Ema
     return [found[i] for i in email_ids if i in found]
 
 
-def check_quota(tr: ReadTransaction, acct: int, size: int, temporary: bool) -> None:
+def check_quota(tr: ReadTransaction, acct: int, size: int, temporary: bool) -> int:
+    """Raise if ``size`` more bytes do not fit; return the account's quota (0: none)."""
     account = get_account(tr, acct)
     if account is None:
         raise UnknownUser("account no longer exists")
     if account.quota and _counter(tr, keys.quota_used(acct)) + size > account.quota:
         raise (TemporaryQuotaExceeded if temporary else QuotaExceeded)(f"{account.email} is over quota")
+    return account.quota
 
 
 def quota_usage(tr: ReadTransaction, acct: int) -> tuple[int, int]:
@@ -798,20 +800,26 @@ class MailStore:
                 await blobs.put_large(self.db, prep.digest, prep.raw)
         return await self.db.transact(fn)
 
-    async def deliver(self, accounts: Sequence[int], raw: bytes, internal_date: int | None = None) -> list[Delivery]:
+    async def deliver(
+        self,
+        accounts: Sequence[int] | Callable[[Transaction], Sequence[int]],
+        raw: bytes,
+        internal_date: int | None = None,
+    ) -> list[Delivery]:
         """Store ``raw`` in the INBOX of every account, all or none, once.
 
-        The bytes are stored exactly as given. Raises :class:`QuotaExceeded`
-        (temporary form) if any account is over quota.
+        ``accounts`` is a list, or a function that gives it inside the
+        delivering transaction (to check hints against the store). The bytes
+        are stored exactly as given. Raises :class:`QuotaExceeded` (temporary
+        form) if any account is over quota.
         """
         prep = await self._prepare(raw)
         when = int(time.time()) if internal_date is None else internal_date
-        unique = list(dict.fromkeys(accounts))
 
         def fn(tr: Transaction) -> list[Delivery]:
             self._put_blob(tr, prep)
             out = []
-            for acct in unique:
+            for acct in dict.fromkeys(accounts(tr) if callable(accounts) else accounts):
                 check_quota(tr, acct, len(raw), temporary=True)
                 box = find_mailbox(tr, acct, "INBOX")
                 email_id = _store_email(tr, acct, prep.digest, len(raw), when, prep.parsed, prep.structure)

@@ -17,14 +17,14 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from storage import Storage
+from storage import LocalRecipient, Storage
 from storage.directory import normalize_address
 from storage.errors import InvalidInput, RookeryError
 
 log = logging.getLogger("rookery.smtp")
 
 OK_MAIL = "250 2.1.0 Sender OK"
-OK_RCPT = "250 2.1.5 Recipient OK"
+OK_RCPT = "250 2.1.5 LocalRecipient OK"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 TEMP_FAILURE = "451 4.3.0 Temporary failure, please try again later"
 BAD_SENDER = "553 5.1.7 Bad sender address syntax"
@@ -84,7 +84,7 @@ class InboundHandler:
                 return BAD_SENDER
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        envelope.rcpt_accounts = []  # type: ignore[attr-defined]
+        envelope.rcpt_local = []  # type: ignore[attr-defined]
         return OK_MAIL
 
     async def handle_RCPT(
@@ -97,13 +97,13 @@ class InboundHandler:
         except InvalidInput:
             return BAD_RECIPIENT
         try:
-            acct = await self.storage.accept_recipient(normalized)
+            recipient = await self.storage.accept_recipient(normalized)
         except RookeryError as exc:
             log.info("rcpt refused %s: %s", normalized, exc.text, extra={"peer": peer_text(session)})
             return exc.smtp
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
-        getattr(envelope, "rcpt_accounts", []).append(acct)
+        getattr(envelope, "rcpt_local", []).append(recipient)
         return OK_RCPT
 
     def trace_headers(self, session: Session, envelope: Envelope, server: SMTP, queue_id: str) -> bytes:
@@ -125,8 +125,8 @@ class InboundHandler:
         return f"Return-Path: <{sender}>\r\n{received}".encode("utf-8", "surrogateescape")
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        accounts: list[int] = getattr(envelope, "rcpt_accounts", [])
-        if not accounts:
+        recipients: list[LocalRecipient] = getattr(envelope, "rcpt_local", [])
+        if not recipients:
             return NO_VALID_RECIPIENTS
         queue_id = new_queue_id()
         content = envelope.original_content or b""
@@ -136,7 +136,7 @@ class InboundHandler:
         if len(raw) > self.limits.max_message_size + 64 * 1024:
             return "552 5.3.4 Message too big"
         try:
-            deliveries = await self.storage.mail.deliver(accounts, raw)
+            deliveries = await self.storage.deliver(recipients, raw)
         except RookeryError as exc:
             log.info("delivery refused: %s", exc.text, extra={"peer": peer, "id": queue_id})
             return exc.smtp

@@ -44,7 +44,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
-from storage import Storage
+from storage import LocalRecipient, Storage
 from storage.directory import Account, normalize_address
 from storage.errors import AuthenticationFailed, InvalidInput, RookeryError, UnknownDomain
 from storage.queue import Queue, RateLimited
@@ -280,18 +280,18 @@ class SubmissionHandler:
             return OK_RCPT  # named twice: delivered once
         target = normalized
         try:
-            acct: int | None = await self.storage.accept_recipient(normalized)
+            rcpt: LocalRecipient | None = await self.storage.accept_recipient(normalized)
         except UnknownDomain:
             # Not hosted here: relay it, the sender is authenticated. A remote
             # local part may be case-sensitive (RFC 5321 §2.4): keep it.
-            acct = None
+            rcpt = None
             local = address.strip().strip("<>").rpartition("@")[0]
             target = f"{local}@{normalized.rpartition('@')[2]}"
         except RookeryError as exc:
             return exc.smtp
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
-        targets.append((target, acct))
+        targets.append((target, rcpt))
         return OK_RCPT
 
     # -- message ------------------------------------------------------------------------
@@ -320,7 +320,7 @@ class SubmissionHandler:
         account = session.auth_data
         if not session.authenticated or not isinstance(account, Account):
             return AUTH_REQUIRED
-        targets: list[tuple[str, int | None]] = getattr(envelope, "rcpt_targets", [])
+        targets: list[tuple[str, LocalRecipient | None]] = getattr(envelope, "rcpt_targets", [])
         if not targets:
             return "554 5.5.1 No valid recipients"
         content = envelope.original_content or b""
@@ -347,8 +347,8 @@ class SubmissionHandler:
             return "552 5.3.4 Message too big"
         limit = self.settings.max_messages_per_hour
         sender = envelope.mail_from or ""
-        remote = [(a, None) for a, acct in targets if acct is None]
-        local = [(a, acct) for a, acct in targets if acct is not None]
+        remote = [(a, None) for a, rcpt in targets if rcpt is None]
+        local = [rcpt for _, rcpt in targets if rcpt is not None]
         try:
             if limit:
                 await self.queue.reserve_send(account.id, limit)
@@ -364,7 +364,7 @@ class SubmissionHandler:
         if local:
             copy = f"Return-Path: <{sender}>\r\n".encode("utf-8", "surrogateescape") + raw
             try:
-                await self.storage.mail.deliver([acct for _, acct in local if acct is not None], copy)
+                await self.storage.deliver(local, copy)
             except Exception as exc:
                 if queued is None:
                     if isinstance(exc, RookeryError):
@@ -375,7 +375,7 @@ class SubmissionHandler:
                 # client send it twice. The queue takes the local part.
                 log.warning("local delivery deferred to the queue: %r", exc, extra={"id": queue_id})
                 try:
-                    await self.queue.add_recipients(queued.id, local)
+                    await self.queue.add_recipients(queued.id, [(r.address, r.account) for r in local])
                 except Exception:
                     log.exception("local delivery lost", extra={"peer": peer, "id": queue_id})
                     return TEMP_FAILURE

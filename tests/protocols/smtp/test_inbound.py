@@ -139,6 +139,48 @@ async def test_over_quota_is_refused_at_rcpt(node: ServerState) -> None:
     assert err.value.recipients["tiny@example.org"][0] == 452
 
 
+async def test_cached_rcpt_answers_are_checked_at_delivery(node: ServerState) -> None:
+    """RCPT answers are reused from the node's cache; the delivering
+    transaction checks them against the directory, so an alias moved to
+    another account delivers to the new one, and a removed address gets a
+    4xx at DATA, then 550 at RCPT when the client tries again."""
+    await node.storage.directory.add_alias("info@example.org", "alice@example.org")
+
+    def send(rcpt: str) -> dict[str, tuple[int, bytes]]:
+        with client(node) as s:
+            return s.sendmail("x@remote.test", [rcpt], MESSAGE)
+
+    assert await asyncio.to_thread(send, "info@example.org") == {}
+    assert node.storage.recipients.get("info@example.org") is not None
+    await node.storage.directory.remove_alias("info@example.org")
+    await node.storage.directory.add_alias("info@example.org", "bob@example.org")
+    assert await asyncio.to_thread(send, "info@example.org") == {}  # RCPT from the cache
+    assert len(await inbox(node, "alice@example.org")) == 1
+    assert len(await inbox(node, "bob@example.org")) == 1
+    assert node.storage.recipients.get("info@example.org") is None  # stale: dropped
+
+    assert await asyncio.to_thread(send, "info@example.org") == {}  # cached again, at the new version
+    await node.storage.directory.remove_alias("info@example.org")
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        await asyncio.to_thread(send, "info@example.org")
+    assert err.value.smtp_code == 451
+    assert len(await inbox(node, "bob@example.org")) == 2
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        await asyncio.to_thread(send, "info@example.org")
+    assert refused.value.recipients["info@example.org"][0] == 550
+
+
+async def test_rcpt_for_an_account_with_a_quota_is_never_cached(node: ServerState) -> None:
+    await make_account(node.storage, "tiny@example.org", quota=100_000)
+
+    def send() -> dict[str, tuple[int, bytes]]:
+        with client(node) as s:
+            return s.sendmail("x@remote.test", ["tiny@example.org"], MESSAGE)
+
+    assert await asyncio.to_thread(send) == {}
+    assert node.storage.recipients.get("tiny@example.org") is None
+
+
 async def test_size_limit(node: ServerState) -> None:
     def run() -> tuple[tuple[int, bytes], int]:
         with client(node) as s:
