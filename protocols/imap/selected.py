@@ -9,10 +9,11 @@ depends on a notification arriving (DESIGN.md principle 1).
 
 from __future__ import annotations
 
+import array
 import bisect
 from collections.abc import Iterable
 
-from storage.mail import Mailbox, MailboxChanges, Message, Snapshot
+from storage.mail import Mailbox, MailboxChanges, Message, Snapshot, uid_array
 
 from . import response as r
 from .commands import SequenceSet
@@ -32,7 +33,7 @@ class Selected:
         self.readonly = readonly
         # Shared with the node's snapshot cache until this session changes
         # them (copy on write): SELECT of a big mailbox copies nothing.
-        self.uids: list[int] = snap.uids
+        self.uids: array.array[int] = snap.uids
         self.msgs: dict[int, Message] = snap.by_uid
         self._shared_uids = True
         self._shared_msgs = True
@@ -51,7 +52,7 @@ class Selected:
     def _own(self) -> None:
         self._own_msgs()
         if self._shared_uids:
-            self.uids = list(self.uids)
+            self.uids = uid_array(self.uids)
             self._shared_uids = False
 
     # -- numbering ---------------------------------------------------------------
@@ -178,7 +179,7 @@ class Selected:
                     del self.uids[i]
         else:
             gone_set = set(gone)
-            self.uids = [u for u in self.uids if u not in gone_set]
+            self.uids = uid_array(u for u in self.uids if u not in gone_set)
         for uid in gone:
             self.msgs.pop(uid, None)
             self.reported.pop(uid, None)

@@ -783,6 +783,11 @@ class ImapSession:
         if self.sub is not None:
             self.sub.close()
             self.sub = None
+        # Let go of the selected mailbox's view (up to one entry per message)
+        # now: if anything still refers to this session through a reference
+        # cycle, only the collector would free it, and every young collection
+        # until then would walk that view again.
+        self.selected = None
 
 
 def _flag_lines(pairs: list[tuple[int, int]], msgs: dict[int, Message]) -> list[bytes]:

@@ -223,3 +223,34 @@ async def test_get_emails_reads_dense_and_sparse_ids_alike(store: Storage) -> No
         expected = await store.db.read(lambda tr: one_by_one(tr, wanted))
         assert [(e.id, e.digest, e.size, e.encoded) for e in got] == [(e.id, e.digest, e.size, e.encoded) for e in expected]
         assert all(e.structure is not None for e in got)
+
+
+async def test_cached_snapshot_folds_changes_like_a_fresh_read(store: Storage) -> None:
+    """The node's snapshot cache folds changes into its last snapshot; after
+    any mix of appends, flag changes and expunges it must equal a snapshot
+    read whole from the store: same messages, UID order, UID list, MODSEQ."""
+    import random
+
+    rng = random.Random(7)
+    acct = await make_account(store)
+    box = await store.db.read(lambda tr: mail.find_mailbox(tr, acct, "INBOX"))
+    for _ in range(5):
+        await store.mail.append(acct, box.id, RAW)
+    for step in range(40):
+        await store.mail.snapshot(acct, "INBOX")  # cache the current view
+        uids = [m.uid for m in (await store.mail.snapshot(acct, "INBOX")).messages]
+        op = rng.choice(["append", "flag", "expunge", "mixed"])
+        if op in ("append", "mixed"):
+            for _ in range(rng.randint(1, 3)):
+                await store.mail.append(acct, box.id, RAW)
+        if op in ("flag", "mixed") and uids:
+            await store.mail.store_flags(acct, box.id, rng.sample(uids, min(len(uids), 2)), "add", [f"$k{step % 4}"])
+        if op in ("expunge", "mixed") and uids:
+            await store.mail.expunge(acct, box.id, rng.sample(uids, 1))
+        cached = await store.mail.snapshot(acct, "INBOX")
+        fresh = await store.db.read(lambda tr: mail.snapshot(tr, acct, box.id))
+        assert cached.by_uid == fresh.by_uid
+        assert list(cached.by_uid) == sorted(cached.by_uid)
+        assert list(cached.uids) == list(fresh.uids) == sorted(fresh.by_uid)
+        assert cached.highestmodseq == fresh.highestmodseq
+        assert cached.keywords >= fresh.keywords  # keywords are only ever added
