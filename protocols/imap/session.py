@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -146,7 +146,10 @@ class ImapSession:
         self.seen_version = 0
         self.last_poll = 0.0
         self.bad_commands = 0
-        self.renderer = Renderer(self._read_raw, utf8=False)
+        # The store's reader, not a method of this session: a bound method
+        # here would make session and renderer a reference cycle, which only
+        # the garbage collector frees.
+        self.renderer = Renderer(_blob_reader(storage), utf8=False)
 
     # -- capabilities --------------------------------------------------------------
 
@@ -259,9 +262,6 @@ class ImapSession:
     def _acct(self) -> int:
         assert self.account is not None
         return self.account.id
-
-    async def _read_raw(self, email: Email, start: int, length: int | None) -> bytes:
-        return await self.storage.mail.read_blob(email.digest, start, length)
 
     # -- any state -------------------------------------------------------------------
 
@@ -788,6 +788,13 @@ class ImapSession:
         # cycle, only the collector would free it, and every young collection
         # until then would walk that view again.
         self.selected = None
+
+
+def _blob_reader(storage: Storage) -> Callable[[Email, int, int | None], Awaitable[bytes]]:
+    async def read(email: Email, start: int, length: int | None) -> bytes:
+        return await storage.mail.read_blob(email.digest, start, length)
+
+    return read
 
 
 def _flag_lines(pairs: list[tuple[int, int]], msgs: dict[int, Message]) -> list[bytes]:
