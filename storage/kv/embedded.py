@@ -601,18 +601,27 @@ class EmbeddedDatabase:
                 if job is None:
                     break
                 pending.append(job)
-            while len(pending) < MAX_BATCH:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                pending.append(job)
-            batch, pending = pending[:MAX_BATCH], pending[MAX_BATCH:]
+            # Writers of all processes on the file take turns through a
+            # blocking ``flock`` on a lock file beside it: a waiting writer
+            # wakes the moment the lock is free, where SQLite's busy handler
+            # would poll with sleeps of up to 100 ms. The batch is taken only
+            # once the lock is held, so it includes every body that arrived
+            # while this process waited its turn: under contention from
+            # other processes, batches grow instead of commits multiplying.
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            batch: list[_Job] = []
             try:
-                pending = self._run_batch(conn, batch) + pending
+                while len(pending) < MAX_BATCH and not stop:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stop = True
+                        break
+                    pending.append(job)
+                batch, pending = pending[:MAX_BATCH], pending[MAX_BATCH:]
+                pending = self._run_batch_locked(conn, batch) + pending
             except BaseException as exc:  # the writer must outlive any one batch
                 log.exception("store writer failed a batch")
                 self._cache.clear()
@@ -620,23 +629,10 @@ class EmbeddedDatabase:
                     self._deliver(job, None, StoreUnavailable(f"store writer error: {exc}"))
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         conn.close()
         os.close(self._lock_fd)
-
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[_Job]:
-        """Run ``batch`` in one SQLite transaction; return the jobs to run again.
-
-        Writers of all processes on the file take turns through a blocking
-        ``flock`` on a lock file beside it: a waiting writer wakes the moment
-        the lock is free, where SQLite's busy handler would poll with sleeps
-        of up to 100 ms. Jobs pile up meanwhile, so the batch that follows is
-        bigger.
-        """
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            return self._run_batch_locked(conn, batch)
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _run_batch_locked(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[_Job]:
         retry: list[_Job] = []
