@@ -390,6 +390,16 @@ async def test_cluster_service_records_state_relays_changes_and_drains(db: Datab
         svc_a.invalidate("directory")
         await until(lambda: sub.version == 1 and invalidated == ["directory"])
         assert hub_b.latest[5] == 11
+        # Changes committed together (one group commit) go out as one frame
+        # with the newest id; a later change is a frame of its own.
+        for change_id, kind in ((13, "Email"), (12, "Mailbox"), (14, "Thread")):
+            svc_a.local_change(5, change_id, frozenset({kind}))
+        await until(lambda: sub.version >= 2)
+        await asyncio.sleep(0.2)
+        assert sub.version == 2 and hub_b.latest[5] == 14  # one frame, not three
+        svc_a.local_change(5, 15, frozenset({"Email"}))
+        await until(lambda: sub.version == 3)
+        assert hub_b.latest[5] == 15
         sub.close()
 
         # rookery node drain node-a: seen at the next renewal.
