@@ -823,6 +823,7 @@ class OutboundWorker:
             # The hourly budget is reserved once for the whole group, not
             # one store transaction per message.
             allowed, next_window = await self._take_hourly(rules, len(group.items))
+            bodies = await self.queue.read_bodies([msg for msg, _ in group.items[:allowed]])
             for n, (msg, idxs) in enumerate(group.items):
                 if not client.is_connected:
                     break
@@ -831,7 +832,7 @@ class OutboundWorker:
                                  Outcome(SKIPPED, "4.4.5 destination hourly limit reached", retry_at=next_window))
                     continue
                 try:
-                    sent, temp = await self._send(client, host, msg, idxs, results)
+                    sent, temp = await self._send(client, host, msg, idxs, results, bodies.pop(msg.id, None))
                     delivered |= sent
                     temporary |= temp
                 except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
@@ -878,10 +879,12 @@ class OutboundWorker:
         return allowed, next_window
 
     async def _send(
-        self, client: aiosmtplib.SMTP, host: str, msg: QueuedMessage, idxs: list[int], results: Results
+        self, client: aiosmtplib.SMTP, host: str, msg: QueuedMessage, idxs: list[int], results: Results,
+        body: bytes | None = None,
     ) -> tuple[bool, bool]:
         """One message over an open connection; returns (delivered any, 4xx seen)."""
-        body = await self.queue.read_body(msg)
+        if body is None:
+            body = await self.queue.read_body(msg)
         addresses = [msg.recipients[i].address for i in idxs]
         options = []
         if client.supports_extension("size"):

@@ -240,3 +240,13 @@ def test_retry_schedule_and_throttle_rules() -> None:
     assert not rules[1].matches("gmail.com", None)
     with pytest.raises(ValueError):
         parse_throttles({"x": 3})
+
+
+async def test_read_bodies_reads_small_messages_at_once_within_a_budget(queue: Queue) -> None:
+    small = [await queue.enqueue("a@example.org", ["x@remote.test"], RAW + b"%d\r\n" % i, now=T0) for i in range(3)]
+    large_raw = RAW + b"y" * (blobs.CHUNK_SIZE + 10)
+    large = await queue.enqueue("a@example.org", ["x@remote.test"], large_raw, now=T0)
+    bodies = await queue.read_bodies([*small, large])
+    assert bodies == {m.id: RAW + b"%d\r\n" % i for i, m in enumerate(small)}  # the large one is read on its own
+    assert await queue.read_body(large) == large_raw
+    assert list(await queue.read_bodies(small, budget=2 * len(RAW) + 7)) == [small[0].id, small[1].id]
