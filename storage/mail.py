@@ -535,14 +535,28 @@ def snapshot(tr: ReadTransaction, acct: int, mbox: int) -> Snapshot:
     return Snapshot.of(box, get_messages(tr, acct, mbox), highest_modseq(tr, acct, mbox))
 
 
-def mailbox_changes(tr: ReadTransaction, acct: int, mbox: int, since: int) -> MailboxChanges:
-    box = get_mailbox(tr, acct, mbox)
-    if box is None:
+def mailbox_changes(tr: ReadTransaction, acct: int, mbox: int, since: int, box: Mailbox | None = None) -> MailboxChanges:
+    """Messages changed and UIDs expunged after MODSEQ ``since``.
+
+    ``box``: the mailbox's record when the caller just read it. The new
+    HIGHESTMODSEQ is the highest MODSEQ of the index entries read here, as
+    every entry above ``since`` is among them (nothing above: ``since``).
+    """
+    if box is None and get_mailbox(tr, acct, mbox) is None:
         return MailboxChanges([], [], since, exists=False)
-    uids = sorted({keys.unpack(k)[5] for k, _ in tr.get_range(*keys.modseq_since(acct, mbox, since))})
-    changed = [m for m in (get_message(tr, acct, mbox, uid) for uid in uids) if m is not None]
-    expunged = sorted({keys.unpack(k)[5] for k, _ in tr.get_range(*keys.expunged_since(acct, mbox, since))})
-    return MailboxChanges(changed, expunged, max(since, highest_modseq(tr, acct, mbox)))
+    top = since
+    uids: set[int] = set()
+    for k, _ in tr.get_range(*keys.modseq_since(acct, mbox, since)):
+        entry = keys.unpack(k)
+        uids.add(entry[5])
+        top = max(top, entry[4])
+    changed = [m for m in (get_message(tr, acct, mbox, uid) for uid in sorted(uids)) if m is not None]
+    gone: set[int] = set()
+    for k, _ in tr.get_range(*keys.expunged_since(acct, mbox, since)):
+        entry = keys.unpack(k)
+        gone.add(entry[5])
+        top = max(top, entry[4])
+    return MailboxChanges(changed, sorted(gone), top)
 
 
 def store_flags(
@@ -961,9 +975,7 @@ class MailStore:
                 # The messages come from the cache; the mailbox record (UIDNEXT)
                 # is always the one just read.
                 fresh = cached.but(mailbox=box)
-                return fresh, mailbox_changes(
-                    tr, acct, box.id, cached.highestmodseq
-                )
+                return fresh, mailbox_changes(tr, acct, box.id, cached.highestmodseq, box)
             return snapshot(tr, acct, box.id), None
 
         snap, delta = await self.db.read(fn)
