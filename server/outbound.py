@@ -42,6 +42,8 @@ from typing import Any, Protocol
 
 import aiosmtplib
 
+from protocols.smtp.dsn import encode_xtext
+
 from storage import Storage
 from storage.errors import RookeryError
 from storage.queue import (
@@ -67,6 +69,8 @@ SKIPPED = "skipped"
 MAX_MX_HOSTS = 5
 #: Headers of the original message quoted in a DSN (RFC 3462 text/rfc822-headers).
 DSN_HEADERS_MAX = 64 * 1024
+#: Largest message a RET=FULL bounce returns whole.
+DSN_FULL_MAX = 10 * 1024 * 1024
 EXPIRED = "Delivery time expired"
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -250,39 +254,62 @@ def build_dsn(
     hostname: str,
     msg: QueuedMessage,
     failed: Sequence[Recipient],
-    original_headers: bytes,
+    original: bytes,
     now: float,
     delayed: Sequence[Recipient] = (),
+    succeeded: Sequence[Recipient] = (),
+    *,
+    full: bool = False,
 ) -> bytes:
     """A delivery status notification (RFC 3464 multipart/report,
-    report-type=delivery-status): recipients that ``failed`` (a bounce) and
-    recipients still being retried (``delayed``: a delay warning)."""
+    report-type=delivery-status): recipients that ``failed`` (a bounce),
+    recipients still being retried (``delayed``: a delay warning), and
+    recipients delivered whose sender asked to hear it (``succeeded``, RFC
+    3461 NOTIFY=SUCCESS: "delivered" here, "relayed" to a server that could
+    not pass the request on).
+
+    ``original`` is the message's header section, or with ``full`` (RET=FULL
+    on a bounce) the whole message, returned as message/rfc822.
+    """
     boundary = f"{secrets.token_hex(12)}={hostname}"
     date = formatdate(now, localtime=False)
     human = [f"This is the mail system at host {hostname}.", ""]
     if failed:
         human += ["Your message could not be delivered to one or more recipients.",
-                  "It is attached below (headers only).", ""]
+                  f"It is attached below{'' if full else ' (headers only)'}.", ""]
         human += [f"<{r.address}>: {r.reply or 'delivery failed'}" for r in failed]
     if delayed:
-        if failed:
+        if len(human) > 2:
             human.append("")
         until = formatdate(msg.expires, localtime=False)
         human += ["Your message could not be delivered yet to the recipients below.",
                   f"Delivery will be retried until {until}; you need not send it again.", ""]
         human += [f"<{r.address}>: {r.reply or 'delivery delayed'}" for r in delayed]
-    per_message = [
-        f"Reporting-MTA: dns; {hostname}",
+    if succeeded:
+        if len(human) > 2:
+            human.append("")
+        human += ["Your message was delivered to the recipients below, as you asked to be told.", ""]
+        human += [f"<{r.address}>: {'delivered to the mailbox' if r.local is not None else 'relayed: ' + r.reply}"
+                  for r in succeeded]
+    per_message = [f"Reporting-MTA: dns; {hostname}"]
+    if msg.envid:
+        per_message.append(f"Original-Envelope-Id: {_one_line(msg.envid)}")  # RFC 3464 §2.2.1
+    per_message += [
         f"X-Rookery-Queue-ID: {msg.qid}",
         f"Arrival-Date: {formatdate(msg.created, localtime=False)}",
     ]
     blocks = ["\r\n".join(per_message)]
-    for action, r in [("failed", r) for r in failed] + [("delayed", r) for r in delayed]:
-        fields = [
-            f"Final-Recipient: rfc822; {r.address}",
-            f"Action: {action}",
-            f"Status: {status_of(r.reply) if action == 'failed' else '4' + status_of(r.reply, failed=False)[1:]}",
-        ]
+    reports = [("failed", r) for r in failed] + [("delayed", r) for r in delayed]
+    reports += [("delivered" if r.local is not None else "relayed", r) for r in succeeded]
+    for action, r in reports:
+        if action == "failed":
+            status = status_of(r.reply)
+        elif action == "delayed":
+            status = "4" + status_of(r.reply, failed=False)[1:]
+        else:
+            status = "2.0.0"
+        fields = [f"Original-Recipient: {_one_line(r.orcpt)}"] if r.orcpt else []
+        fields += [f"Final-Recipient: rfc822; {r.address}", f"Action: {action}", f"Status: {status}"]
         if action == "delayed":
             fields.append(f"Will-Retry-Until: {formatdate(msg.expires, localtime=False)}")
         if r.remote:
@@ -293,15 +320,28 @@ def build_dsn(
         if r.updated:
             fields.append(f"Last-Attempt-Date: {formatdate(r.updated, localtime=False)}")
         blocks.append("\r\n".join(fields))
-    headers = original_headers[:DSN_HEADERS_MAX]
-    if not headers.endswith(b"\r\n"):
-        headers += b"\r\n"
-    eight_bit = any(b > 127 for b in headers)
+    attached = original if full else original[:DSN_HEADERS_MAX]
+    if not attached.endswith(b"\r\n"):
+        attached += b"\r\n"
+    eight_bit = not attached.isascii()
+    if failed:
+        subject, what = "Undelivered Mail Returned to Sender", "Undelivered"
+    elif delayed:
+        subject, what = "Delayed Mail (still being retried)", "Delayed"
+    else:
+        subject, what = "Successful Mail Delivery Report", "Delivered"
+    if full:
+        part_head = "Content-Type: message/rfc822\r\n" + ("Content-Transfer-Encoding: 8bit\r\n" if eight_bit else "")
+        part_head += f"Content-Description: {what} Message\r\n"
+    else:
+        part_head = ("Content-Type: text/rfc822-headers; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+                     if eight_bit else "Content-Type: text/rfc822-headers\r\n")
+        part_head += f"Content-Description: {what} Message Headers\r\n"
     # RFC 3461 §6.2 / RFC 3834: a DSN comes from the null sender and is auto-submitted.
     top = (
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
         f"To: <{msg.sender}>\r\n"
-        f"Subject: {'Undelivered Mail Returned to Sender' if failed else 'Delayed Mail (still being retried)'}\r\n"
+        f"Subject: {subject}\r\n"
         f"Date: {date}\r\n"
         f"Message-ID: {make_msgid(domain=hostname)}\r\n"
         "Auto-Submitted: auto-replied\r\n"
@@ -324,12 +364,10 @@ def build_dsn(
         + "\r\n\r\n".join(blocks)
         + "\r\n\r\n"
         f"--{boundary}\r\n"
-        + ("Content-Type: text/rfc822-headers; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
-           if eight_bit else "Content-Type: text/rfc822-headers\r\n")
-        + f"Content-Description: {'Undelivered' if failed else 'Delayed'} Message Headers\r\n"
+        + part_head
         + "\r\n"
     ).encode("utf-8", "surrogateescape")
-    return top + headers + f"\r\n--{boundary}--\r\n".encode()
+    return top + attached + f"\r\n--{boundary}--\r\n".encode()
 
 
 def _one_line(text: str) -> str:
@@ -349,6 +387,9 @@ class Outcome:
     remote: str = ""
     #: SKIPPED: when to look again; DEFERRED: not before (destination backoff).
     retry_at: float = 0.0
+    #: DELIVERED to a server that took the RFC 3461 parameters: success
+    #: reports, if any were asked for, are its to send.
+    dsn_passed: bool = False
 
 
 def reply_text(code: int, message: str) -> str:
@@ -618,18 +659,28 @@ class OutboundWorker:
             # A deferred recipient waits for the later of its retry time and
             # its destination's backoff; the message is due at the earliest.
             msg.next_attempt = min(retry_at) if retry_at else now + self.settings.retry_min
+        # RFC 3461 NOTIFY: who hears of what (none of it for NOTIFY=NEVER).
         failed = [r for r in msg.recipients if r.status == FAILED and not r.notified]
         dsn = None
         for r in failed:
             r.notified = True
+        failed = [r for r in failed if r.wants("FAILURE")]
         delayed: list[Recipient] = []
         warn_after = self.settings.delay_warning
         if warn_after > 0 and not msg.warned and msg.sender and not msg.dsn and now - msg.created >= warn_after:
             # One warning per message, for the recipients still deferred.
             delayed = [r for r in msg.open_recipients if r.status == DEFERRED]
             msg.warned = bool(delayed)
-        if (failed or delayed) and msg.sender and not msg.dsn:
-            dsn = await self._make_dsn(msg, failed, now, delayed)
+            delayed = [r for r in delayed if r.wants("DELAY")]
+        succeeded = [
+            r for i, r in enumerate(msg.recipients)
+            if r.status == DELIVERED and r.wants("SUCCESS") and not r.notified
+            and (outcome := results.get((msg.id, i))) is not None and not outcome.dsn_passed
+        ]
+        for r in succeeded:
+            r.notified = True
+        if (failed or delayed or succeeded) and msg.sender and not msg.dsn:
+            dsn = await self._make_dsn(msg, failed, now, delayed, succeeded)
         if not await self.queue.finish(msg, self.owner, dsn):
             log.warning("lease lost before results were stored", extra={"queue_id": msg.qid})
             return
@@ -647,10 +698,14 @@ class OutboundWorker:
             self.refresh()
 
     async def _make_dsn(
-        self, msg: QueuedMessage, failed: list[Recipient], now: float, delayed: Sequence[Recipient] = ()
+        self, msg: QueuedMessage, failed: list[Recipient], now: float, delayed: Sequence[Recipient] = (),
+        succeeded: Sequence[Recipient] = (),
     ) -> QueuedMessage | None:
-        headers = await self.queue.read_headers(msg, DSN_HEADERS_MAX)
-        raw = build_dsn(self.settings.hostname, msg, failed, headers, now, delayed)
+        # RET=FULL returns the whole message with a bounce (RFC 3461 §4.3),
+        # up to a size; past it, and for other reports, the headers.
+        full = bool(failed) and msg.ret == "FULL" and msg.size <= DSN_FULL_MAX
+        original = await (self.queue.read_body(msg) if full else self.queue.read_headers(msg, DSN_HEADERS_MAX))
+        raw = build_dsn(self.settings.hostname, msg, failed, original, now, delayed, succeeded, full=full)
         local = await self.queue.local_account(msg.sender)
         if local is None and await self.queue.is_local_domain(domain_of(msg.sender)):
             log.warning("bounce dropped: unknown local sender", extra={"queue_id": msg.qid, "from": msg.sender})
@@ -891,6 +946,12 @@ class OutboundWorker:
             options.append(f"SIZE={len(body)}")
         if client.supports_extension("8bitmime") and not body.isascii():
             options.append("BODY=8BITMIME")
+        # RFC 3461 §5.2: parameters go on to a server that supports DSN.
+        dsn = client.supports_extension("dsn")
+        if dsn and msg.ret:
+            options.append(f"RET={msg.ret}")
+        if dsn and msg.envid:
+            options.append(f"ENVID={encode_xtext(msg.envid)}")
         encoding = "ascii"
         if msg.smtputf8 or not (msg.sender.isascii() and all(a.isascii() for a in addresses)):
             if not client.supports_extension("smtputf8"):
@@ -909,8 +970,16 @@ class OutboundWorker:
             return False, exc.code < 500
         accepted = []
         for i, address in zip(idxs, addresses):
+            rcpt_options = []
+            if dsn:
+                r = msg.recipients[i]
+                if r.notify:
+                    rcpt_options.append(f"NOTIFY={r.notify}")
+                addr_type, _, orcpt = r.orcpt.partition(";")
+                if orcpt:
+                    rcpt_options.append(f"ORCPT={addr_type};{encode_xtext(orcpt)}")
             try:
-                await client.rcpt(address, encoding=encoding)
+                await client.rcpt(address, options=rcpt_options, encoding=encoding)
                 accepted.append(i)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 results[(msg.id, i)] = Outcome(classify(exc.code), reply_text(exc.code, exc.message), host)
@@ -925,7 +994,7 @@ class OutboundWorker:
             await self._rset(client)
             return False, exc.code < 500
         for i in accepted:
-            results[(msg.id, i)] = Outcome(DELIVERED, reply_text(response.code, response.message), host)
+            results[(msg.id, i)] = Outcome(DELIVERED, reply_text(response.code, response.message), host, dsn_passed=dsn)
         log.info("delivered", extra={"queue_id": msg.qid, "host": host, "rcpts": len(accepted)})
         return True, False
 

@@ -108,10 +108,22 @@ class Recipient:
     #: Host that gave the last reply (DSN Remote-MTA).
     remote: str = ""
     updated: float = 0.0
+    #: RFC 3461 NOTIFY as the client gave it ("NEVER", or some of
+    #: "SUCCESS,FAILURE,DELAY"); empty: not given (failures and delays).
+    notify: str = ""
+    #: RFC 3461 ORCPT, decoded: "rfc822;alice@example.org".
+    orcpt: str = ""
 
     @property
     def open(self) -> bool:
         return self.status in OPEN
+
+    def wants(self, event: str) -> bool:
+        """Does the sender want a DSN for ``event`` (SUCCESS, FAILURE, DELAY)?
+        With no NOTIFY, failures and delays are reported (RFC 3461 §4.1)."""
+        if not self.notify:
+            return event in ("FAILURE", "DELAY")
+        return event in self.notify.split(",")
 
     @property
     def domain(self) -> str:
@@ -136,6 +148,9 @@ class QueuedMessage:
     smtputf8: bool = False
     #: A delay warning went to the sender (at most one per message).
     warned: bool = False
+    #: RFC 3461 RET ("FULL", "HDRS" or "": not given) and ENVID (decoded).
+    ret: str = ""
+    envid: str = ""
     #: Set by reads: the lease, if any.
     lease_owner: str = ""
     lease_expires: float = 0.0
@@ -162,6 +177,10 @@ class QueuedMessage:
             "utf8": self.smtputf8,
             "warned": self.warned,
         }
+        if self.ret:
+            data["ret"] = self.ret
+        if self.envid:
+            data["envid"] = self.envid
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
@@ -180,6 +199,8 @@ class QueuedMessage:
             dsn=bool(data.get("dsn", False)),
             smtputf8=bool(data.get("utf8", False)),
             warned=bool(data.get("warned", False)),
+            ret=str(data.get("ret", "")),
+            envid=str(data.get("envid", "")),
         )
 
 
@@ -595,25 +616,32 @@ class Queue:
     async def enqueue(
         self,
         sender: str,
-        recipients: Sequence[str | tuple[str, int | None]],
+        recipients: Sequence[str | tuple[str, int | None] | Recipient],
         raw: bytes,
         *,
         now: float | None = None,
         dsn: bool = False,
         smtputf8: bool = False,
+        ret: str = "",
+        envid: str = "",
     ) -> QueuedMessage:
         """Commit a message for delivery; returns it once committed.
 
-        ``recipients`` are addresses, or ``(address, account id)`` for local
-        ones. The body is stored once (content-addressed) and referenced by
-        the queue until the message is done.
+        ``recipients`` are addresses, ``(address, account id)`` for local
+        ones, or :class:`Recipient` records (with RFC 3461 NOTIFY / ORCPT).
+        ``ret`` and ``envid`` are the RFC 3461 MAIL parameters. The body is
+        stored once (content-addressed) and referenced by the queue until the
+        message is done.
         """
         now = time.time() if now is None else now
         digest = blobs.digest_of(raw)
         inline = len(raw) <= blobs.INLINE_MAX
         if not inline:
             await blobs.put_large(self.db, digest, raw)
-        rcpts = [Recipient(r) if isinstance(r, str) else Recipient(r[0], local=r[1]) for r in recipients]
+        rcpts = [
+            r if isinstance(r, Recipient) else Recipient(r) if isinstance(r, str) else Recipient(r[0], local=r[1])
+            for r in recipients
+        ]
         if not rcpts:
             raise InvalidInput("no recipients")
 
@@ -624,7 +652,8 @@ class Queue:
                 raise InvalidInput("message body vanished before it was queued")
             msg = QueuedMessage(
                 new_id(tr, now), sender, digest, len(raw), now, now, now + self.lifetime,
-                recipients=[Recipient(r.address, local=r.local) for r in rcpts], dsn=dsn, smtputf8=smtputf8,
+                recipients=[Recipient(r.address, local=r.local, notify=r.notify, orcpt=r.orcpt) for r in rcpts],
+                dsn=dsn, smtputf8=smtputf8, ret=ret, envid=envid,
             )
             put_message(tr, msg)
             return msg

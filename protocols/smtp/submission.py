@@ -18,6 +18,9 @@ Policy, in the order a client meets it:
   principle 2). If the local delivery fails after the remote part was
   queued, the local recipients are added to the queued message, which
   delivers them later, so the client never resends the remote part.
+* DSN (RFC 3461): NOTIFY and ORCPT on RCPT, RET and ENVID on MAIL are kept
+  with the queued message. A local recipient with ``NOTIFY=SUCCESS`` goes
+  through the queue too, which sends the "delivered" report.
 
 aiosmtpd's ``authenticator`` callable is synchronous (``SMTP._authenticate``
 does not await it) and cannot wait for the directory, so this handler
@@ -48,7 +51,9 @@ from storage import LocalRecipient, Storage
 from storage.directory import Account, normalize_address
 from storage.errors import AuthenticationFailed, InvalidInput, RookeryError, UnknownDomain
 from storage.queue import Queue, RateLimited
+from storage.queue import Recipient as QueueRecipient
 
+from .dsn import DsnParamError, MailParams, RcptParams, take_mail_params, take_rcpt_params
 from .server import RookerySMTP, SmtpListener
 from .session import (
     BAD_RECIPIENT,
@@ -237,7 +242,12 @@ class SubmissionHandler:
 
     # -- envelope -------------------------------------------------------------------
 
-    handle_EHLO = InboundHandler.handle_EHLO
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        responses = await InboundHandler.handle_EHLO(self, server, session, envelope, hostname, responses)  # type: ignore[arg-type]
+        # RFC 3461: NOTIFY / ORCPT / RET / ENVID (see SubmissionSMTP).
+        return responses[:-1] + ["250-DSN", responses[-1]]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
@@ -263,6 +273,7 @@ class SubmissionHandler:
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.rcpt_targets = []
+        envelope.dsn_mail = getattr(server, "dsn_mail", None) or MailParams()
         return OK_MAIL
 
     async def handle_RCPT(
@@ -275,7 +286,7 @@ class SubmissionHandler:
         except InvalidInput:
             return BAD_RECIPIENT
         targets = getattr(envelope, "rcpt_targets", [])
-        seen = {a.lower() for a, _ in targets}
+        seen = {a.lower() for a, _, _ in targets}
         if normalized in seen:
             return OK_RCPT  # named twice: delivered once
         target = normalized
@@ -291,7 +302,7 @@ class SubmissionHandler:
             return exc.smtp
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
-        targets.append((target, rcpt))
+        targets.append((target, rcpt, getattr(server, "dsn_rcpt", None) or RcptParams()))
         return OK_RCPT
 
     # -- message ------------------------------------------------------------------------
@@ -320,7 +331,7 @@ class SubmissionHandler:
         account = session.auth_data
         if not session.authenticated or not isinstance(account, Account):
             return AUTH_REQUIRED
-        targets: list[tuple[str, LocalRecipient | None]] = getattr(envelope, "rcpt_targets", [])
+        targets: list[tuple[str, LocalRecipient | None, RcptParams]] = getattr(envelope, "rcpt_targets", [])
         if not targets:
             return "554 5.5.1 No valid recipients"
         content = envelope.original_content or b""
@@ -347,13 +358,25 @@ class SubmissionHandler:
             return "552 5.3.4 Message too big"
         limit = self.settings.max_messages_per_hour
         sender = envelope.mail_from or ""
-        remote = [(a, None) for a, rcpt in targets if rcpt is None]
-        local = [rcpt for _, rcpt in targets if rcpt is not None]
+        # Remote recipients go to the queue, and so do local ones whose sender
+        # asked to hear of success (NOTIFY=SUCCESS): the queue delivers them
+        # and sends the "delivered" DSN. Other local ones are delivered now.
+        mail_params: MailParams = getattr(envelope, "dsn_mail", None) or MailParams()
+        to_queue = [
+            QueueRecipient(a, local=rcpt.account if rcpt else None, notify=p.notify, orcpt=p.orcpt)
+            for a, rcpt, p in targets
+            if rcpt is None or "SUCCESS" in p.notify.split(",")
+        ]
+        local = [rcpt for _, rcpt, p in targets if rcpt is not None and "SUCCESS" not in p.notify.split(",")]
         try:
             if limit:
                 await self.queue.reserve_send(account.id, limit)
             queued = (
-                await self.queue.enqueue(sender, remote, raw, smtputf8=bool(envelope.smtp_utf8)) if remote else None
+                await self.queue.enqueue(
+                    sender, to_queue, raw, smtputf8=bool(envelope.smtp_utf8), ret=mail_params.ret, envid=mail_params.envid
+                )
+                if to_queue
+                else None
             )
         except RookeryError as exc:
             log.info("submission refused: %s", exc.text, extra={"peer": peer, "id": queue_id})
@@ -385,7 +408,7 @@ class SubmissionHandler:
             "submitted",
             extra={
                 "peer": peer, "id": queue_id, "user": account.email, "size": len(raw),
-                "local": len(local), "remote": len(remote), "queue": queued.qid if queued else "",
+                "local": len(local), "queued": len(to_queue), "queue": queued.qid if queued else "",
             },
         )
         return f"250 2.0.0 OK queued as {queued.qid if queued else queue_id}"
@@ -399,9 +422,33 @@ class SubmissionHandler:
 
 
 class SubmissionSMTP(RookerySMTP):
-    """RookerySMTP whose "AUTH needs TLS" rule is the handler's policy."""
+    """RookerySMTP whose "AUTH needs TLS" rule is the handler's policy, and
+    which takes the RFC 3461 DSN parameters of MAIL and RCPT."""
 
     event_handler: SubmissionHandler
+    #: DSN parameters of the MAIL / RCPT command being handled, for the hooks.
+    dsn_mail: MailParams | None = None
+    dsn_rcpt: RcptParams | None = None
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        self.dsn_mail = None
+        if arg and self.session is not None and self.session.extended_smtp:
+            try:
+                arg, self.dsn_mail = take_mail_params(arg)
+            except DsnParamError as exc:
+                await self.push(str(exc))
+                return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        self.dsn_rcpt = None
+        if arg and self.session is not None and self.session.extended_smtp:
+            try:
+                arg, self.dsn_rcpt = take_rcpt_params(arg)
+            except DsnParamError as exc:
+                await self.push(str(exc))
+                return
+        await super().smtp_RCPT(arg)
 
     # aiosmtpd reads ``_auth_require_tls`` in EHLO (advertise AUTH?) and AUTH
     # (538?) and only knows STARTTLS; implicit TLS and loopback peers count

@@ -679,3 +679,156 @@ async def test_no_delay_warning_by_default_or_for_null_sender(env: SimpleNamespa
     # Alice got one warning; the null sender's message none.
     assert len(await inbox(env.storage, env.alice)) == 1
     assert sorted(m.warned for m in await env.queue.list_messages() if not m.dsn) == [False, True]
+
+
+# -- RFC 3461: NOTIFY, ORCPT, RET, ENVID ----------------------------------------------------
+
+class DsnSinkSMTP(SinkSMTP):
+    """A sink that supports DSN: it advertises it and records the parameters."""
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        from protocols.smtp.dsn import take_mail_params
+
+        arg, params = take_mail_params(arg)
+        self.sink.dsn_mail.append(params)
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        from protocols.smtp.dsn import take_rcpt_params
+
+        arg, params = take_rcpt_params(arg)
+        self.sink.dsn_rcpt.append(params)
+        await super().smtp_RCPT(arg)
+
+
+class DsnSink(Sink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dsn_mail: list[Any] = []
+        self.dsn_rcpt: list[Any] = []
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return responses[:-1] + ["250-DSN", responses[-1]]
+
+
+@contextlib.asynccontextmanager
+async def dsn_sink_server() -> AsyncIterator[tuple[DsnSink, int]]:
+    sink = DsnSink()
+
+    def factory() -> SMTP:
+        proto = DsnSinkSMTP(sink, hostname="sink.test", decode_data=False, enable_SMTPUTF8=True)
+        proto.sink = sink
+        return proto
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    try:
+        yield sink, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def dsn_parts(raw: bytes) -> tuple[email.message.Message, list[email.message.Message], list[email.message.Message]]:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    parts = list(msg.iter_parts())
+    blocks = parts[1].get_payload()
+    assert isinstance(blocks, list)
+    return msg, blocks, parts
+
+
+async def test_notify_never_and_failure_choose_who_gets_a_bounce(env: SimpleNamespace, sink: tuple[Sink, int]) -> None:
+    from storage.queue import Recipient as QR
+
+    _, port = sink
+    w = worker(env.storage, env.queue, port)
+    await env.queue.enqueue("alice@example.org", [QR("perm1@remote.test", notify="NEVER")], body(), now=NOW)
+    assert await w.run_once() == 1
+    assert await env.queue.list_messages() == []  # NOTIFY=NEVER: no bounce queued
+    await env.queue.enqueue(
+        "alice@example.org",
+        [QR("perm2@remote.test", notify="NEVER"), QR("perm3@remote.test", notify="FAILURE", orcpt="rfc822;Perm3@Remote.Test")],
+        body(), now=NOW, envid="Env-42",
+    )
+    assert await w.run_once() == 1
+    assert await w.run_once() == 1  # the bounce, to alice's INBOX
+    [dsn] = await inbox(env.storage, env.alice)
+    report, blocks, _ = dsn_parts(dsn)
+    assert blocks[0]["Original-Envelope-Id"] == "Env-42"
+    [block] = blocks[1:]  # only the recipient that asked
+    assert block["Final-Recipient"] == "rfc822; perm3@remote.test"
+    assert block["Original-Recipient"] == "rfc822;Perm3@Remote.Test"
+    assert block["Action"] == "failed"
+
+
+async def test_ret_full_returns_the_whole_message_with_a_bounce(env: SimpleNamespace, sink: tuple[Sink, int]) -> None:
+    _, port = sink
+    w = worker(env.storage, env.queue, port)
+    await env.queue.enqueue("alice@example.org", ["perm@remote.test"], body(subject="Whole"), now=NOW, ret="FULL")
+    assert await w.run_once() == 1
+    assert await w.run_once() == 1  # the bounce
+    [dsn] = await inbox(env.storage, env.alice)
+    _, _, parts = dsn_parts(dsn)
+    assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status", "message/rfc822"]
+    returned = parts[2].get_payload()[0]
+    assert returned["Subject"] == "Whole" and "Hello there" in returned.get_content()
+
+
+async def test_notify_success_relayed_when_the_next_hop_has_no_dsn(env: SimpleNamespace, sink: tuple[Sink, int]) -> None:
+    from storage.queue import Recipient as QR
+
+    box, port = sink
+    w = worker(env.storage, env.queue, port)
+    await env.queue.enqueue(
+        "alice@example.org",
+        [QR("ok@remote.test", notify="SUCCESS,FAILURE", orcpt="rfc822;ok@remote.test"), QR("other@remote.test")],
+        body(subject="Tell me"), now=NOW, envid="E1",
+    )
+    assert await w.run_once() == 1
+    assert sorted(box.messages[0].rcpts) == ["ok@remote.test", "other@remote.test"]
+    assert await w.run_once() == 1  # the report
+    [dsn] = await inbox(env.storage, env.alice)
+    report, blocks, parts = dsn_parts(dsn)
+    assert report["Subject"] == "Successful Mail Delivery Report"
+    assert blocks[0]["Original-Envelope-Id"] == "E1"
+    [block] = blocks[1:]  # "other" asked nothing: no success report for it
+    assert block["Final-Recipient"] == "rfc822; ok@remote.test"
+    assert (block["Action"], block["Status"]) == ("relayed", "2.0.0")
+    assert parts[2].get_content_type() == "text/rfc822-headers"
+
+
+async def test_dsn_parameters_go_on_to_a_next_hop_that_supports_dsn(env: SimpleNamespace) -> None:
+    from storage.queue import Recipient as QR
+
+    async with dsn_sink_server() as (box, port):
+        w = worker(env.storage, env.queue, port)
+        await env.queue.enqueue(
+            "alice@example.org",
+            [QR("ok@remote.test", notify="SUCCESS,DELAY", orcpt="rfc822;Ok+Box@Remote.Test")],
+            body(), now=NOW, ret="HDRS", envid="Id with space+plus",
+        )
+        assert await w.run_once() == 1
+        assert [m.rcpts for m in box.messages] == [["ok@remote.test"]]
+        [mail] = box.dsn_mail
+        assert (mail.ret, mail.envid) == ("HDRS", "Id with space+plus")  # xtext there and back
+        [rcpt] = box.dsn_rcpt
+        assert (rcpt.notify, rcpt.orcpt) == ("SUCCESS,DELAY", "rfc822;Ok+Box@Remote.Test")
+    assert await env.queue.list_messages() == []  # the next hop reports success, not us
+
+
+async def test_notify_success_for_a_local_recipient_reports_delivered(env: SimpleNamespace, sink: tuple[Sink, int]) -> None:
+    from storage.queue import Recipient as QR
+
+    _, port = sink
+    bob = await make_account(env.storage, "bob@example.org")
+    w = worker(env.storage, env.queue, port)
+    await env.queue.enqueue("alice@example.org", [QR("bob@example.org", local=bob, notify="SUCCESS")], body(), now=NOW)
+    assert await w.run_once() == 1
+    assert len(await inbox(env.storage, bob)) == 1
+    assert await w.run_once() == 1  # the report itself, to alice
+    [dsn] = await inbox(env.storage, env.alice)
+    _, blocks, _ = dsn_parts(dsn)
+    assert (blocks[1]["Action"], blocks[1]["Status"]) == ("delivered", "2.0.0")

@@ -309,3 +309,37 @@ async def test_mx_still_refuses_relay(env: SimpleNamespace, server_tls: ssl.SSLC
         assert listener.server is not None
         await listener.server.wait_closed()
     assert await env.queue.list_messages() == []
+
+
+async def test_dsn_parameters_are_kept_with_the_queued_message(env: SimpleNamespace, server_tls: ssl.SSLContext,
+                                                                client_tls: ssl.SSLContext) -> None:
+    """RFC 3461 on submission: DSN is advertised; RET and ENVID on MAIL and
+    NOTIFY and ORCPT on RCPT are kept (case and all) with the queued
+    message; a local recipient that asked for NOTIFY=SUCCESS is queued too
+    (the queue sends the "delivered" report); bad parameters get 501."""
+    async with listening(env, server_tls) as port:
+        async with connect(port, client_tls) as client:
+            assert "dsn" in client.esmtp_extensions
+            await client.auth_plain("alice@example.org", "secret")
+            assert (await client.mail("alice@example.org", options=["RET=HDRS", "ENVID=Order+2B17"])).code == 250
+            assert (await client.rcpt("carol@remote.test", options=["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;Carol@Remote.Test"])).code == 250
+            assert (await client.rcpt("bob@example.org", options=["NOTIFY=SUCCESS"])).code == 250
+            assert (await client.rcpt("dave@remote.test", options=["notify=never"])).code == 250
+            assert (await client.data(message(to="carol@remote.test"))).code == 250
+            for bad in (["NOTIFY=SOMETIMES"], ["NOTIFY=NEVER,SUCCESS"], ["ORCPT=no-semicolon"], ["NOTIFY=DELAY", "NOTIFY=DELAY"]):
+                await client.mail("alice@example.org")
+                with pytest.raises(aiosmtplib.SMTPRecipientRefused) as err:
+                    await client.rcpt("carol@remote.test", options=bad)
+                assert err.value.code == 501, bad
+                await client.rset()
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await client.mail("alice@example.org", options=["RET=SOME"])
+            assert refused.value.code == 501
+    assert await inbox(env.storage, env.bob) == []  # queued, not delivered at once
+    [queued] = await env.queue.list_messages()
+    assert (queued.ret, queued.envid) == ("HDRS", "Order+17")
+    by_address = {r.address: r for r in queued.recipients}
+    assert (by_address["carol@remote.test"].notify, by_address["carol@remote.test"].orcpt) == (
+        "FAILURE,DELAY", "rfc822;Carol@Remote.Test")
+    assert (by_address["bob@example.org"].notify, by_address["bob@example.org"].local) == ("SUCCESS", env.bob)
+    assert by_address["dave@remote.test"].notify == "NEVER"
