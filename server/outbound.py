@@ -1081,10 +1081,14 @@ def format_message(m: QueuedMessage) -> str:
     ]
     if m.lease_owner:
         lines.append(f"lease:     {m.lease_owner} until {_when(m.lease_expires)}")
+    if m.ret or m.envid:
+        lines.append(f"dsn:       ret {m.ret or '-'}  envid {m.envid or '-'}")
     lines.append("recipients:")
     for r in m.recipients:
         where = " (local)" if r.local is not None else ""
-        lines.append(f"  {r.status:<9} {r.address}{where}  tries {r.attempts}")
+        notify = f"  notify {r.notify}" if r.notify else ""
+        orcpt = f"  orcpt {r.orcpt}" if r.orcpt else ""
+        lines.append(f"  {r.status:<9} {r.address}{where}  tries {r.attempts}{notify}{orcpt}")
         if r.reply:
             lines.append(f"            {r.remote + ': ' if r.remote else ''}{r.reply}")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from protocols.smtp.submission import (
     SubmissionSettings,
     submission_listener,
 )
+from server.outbound import format_message
 from storage import Storage
 from storage.queue import Queue
 
@@ -343,3 +344,5 @@ async def test_dsn_parameters_are_kept_with_the_queued_message(env: SimpleNamesp
         "FAILURE,DELAY", "rfc822;Carol@Remote.Test")
     assert (by_address["bob@example.org"].notify, by_address["bob@example.org"].local) == ("SUCCESS", env.bob)
     assert by_address["dave@remote.test"].notify == "NEVER"
+    shown = format_message(queued)
+    assert "ret HDRS  envid Order+17" in shown and "notify FAILURE,DELAY  orcpt rfc822;Carol@Remote.Test" in shown
