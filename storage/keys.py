@@ -68,17 +68,38 @@ def _encode(value: object) -> bytes | None:
     return None
 
 
+#: Encodings of the short strings keys are made of ("m", "msg", "INBOX"...):
+#: a dict lookup instead of encode, replace and two concatenations. Bounded:
+#: user-given strings (addresses, mailbox names) could otherwise fill it.
+_STR_CACHE: dict[str, bytes] = {}
+_STR_CACHE_MAX = 4096
+
+
 def pack(items: tuple[object, ...]) -> bytes:
     """``fdb.tuple.pack``, byte for byte, faster for the str, bytes and
     non-negative int elements every key here is made of (the binding's pure
     Python packer costs several µs per key; a delivery packs dozens)."""
     out = []
     for item in items:
-        encoded = _encode(item)
-        if encoded is None:
-            return bytes(fdbtuple.pack(items))
+        encoded: bytes | None
+        if isinstance(item, str):
+            encoded = _STR_CACHE.get(item)
+            if encoded is None:
+                encoded = _encode(item)
+                assert encoded is not None
+                if len(_STR_CACHE) < _STR_CACHE_MAX and len(item) <= 32:
+                    _STR_CACHE[item] = encoded
+        elif type(item) is int and 0 < item < 256:
+            encoded = _SMALL_INTS[item]
+        else:
+            encoded = _encode(item)
+            if encoded is None:
+                return bytes(fdbtuple.pack(items))
         out.append(encoded)
     return b"".join(out)
+
+
+_SMALL_INTS = [_encode(n) or b"" for n in range(256)]
 
 #: Type code of a 96-bit versionstamp in the tuple encoding.
 _VERSIONSTAMP_CODE = 0x33
