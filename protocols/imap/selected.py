@@ -32,11 +32,16 @@ class Selected:
         self.mailbox: Mailbox = snap.mailbox
         self.readonly = readonly
         # Shared with the node's snapshot cache until this session changes
-        # them (copy on write): SELECT of a big mailbox copies nothing.
+        # them: SELECT of a big mailbox copies nothing. The UID list is
+        # copied on write (an array: a memcpy the collector never walks);
+        # messages changed or gone since SELECT live in a small overlay
+        # (``_own``, ``_gone``) over the shared map, so a flag change costs
+        # one entry, not a copy of the whole mailbox.
         self.uids: array.array[int] = snap.uids
-        self.msgs: dict[int, Message] = snap.by_uid
+        self._base: dict[int, Message] = snap.by_uid
+        self._own: dict[int, Message] = {}
+        self._gone: set[int] = set()
         self._shared_uids = True
-        self._shared_msgs = True
         self.modseq = snap.highestmodseq
         self.max_uid = max(snap.mailbox.uidnext - 1, self.uids[-1] if self.uids else 0)
         self.pending_expunge: set[int] = set()
@@ -44,13 +49,46 @@ class Selected:
         self.reported: dict[int, int] = {}
         self.keywords: set[str] = set(snap.keywords)
 
-    def _own_msgs(self) -> None:
-        if self._shared_msgs:
-            self.msgs = dict(self.msgs)
-            self._shared_msgs = False
+    #: The overlay is folded into a private map once it grows past this.
+    OVERLAY_MAX = 512
 
-    def _own(self) -> None:
-        self._own_msgs()
+    def msg(self, uid: int) -> Message | None:
+        """The message with ``uid`` as this session knows it, if any."""
+        m = self._own.get(uid)
+        if m is None and uid not in self._gone:
+            m = self._base.get(uid)
+        return m
+
+    def has(self, uid: int) -> bool:
+        return uid in self._own or (uid in self._base and uid not in self._gone)
+
+    def _set(self, m: Message) -> None:
+        self._own[m.uid] = m
+        if len(self._own) > self.OVERLAY_MAX:
+            self._fold()
+
+    def _drop(self, uid: int) -> None:
+        self._own.pop(uid, None)
+        if uid in self._base:
+            self._gone.add(uid)
+
+    def _fold(self) -> None:
+        base = dict(self._base)
+        for uid in self._gone:
+            base.pop(uid, None)
+        base.update(self._own)
+        self._base, self._own, self._gone = base, {}, set()
+
+    @property
+    def msgs(self) -> dict[int, Message]:
+        """UID -> message, whole (for operations over many messages). The
+        shared map itself while nothing changed; else the overlay is folded
+        into a private copy once."""
+        if self._own or self._gone:
+            self._fold()
+        return self._base
+
+    def _own_uids(self) -> None:
         if self._shared_uids:
             self.uids = uid_array(self.uids)
             self._shared_uids = False
@@ -101,10 +139,9 @@ class Selected:
 
     def note_own(self, messages: Iterable[Message]) -> None:
         """Record changes this session made and reported itself."""
-        self._own_msgs()
         for m in messages:
-            if m.uid in self.msgs:
-                self.msgs[m.uid] = m
+            if self.has(m.uid):
+                self._set(m)
                 self.reported[m.uid] = m.modseq
 
     def apply(self, changes: MailboxChanges, *, condstore: bool, with_uid: bool) -> tuple[list[bytes], list[Message]]:
@@ -112,8 +149,6 @@ class Selected:
         new messages (not yet numbered: :meth:`add_new` does that)."""
         if not changes.exists:
             raise MailboxGone("mailbox was deleted")
-        if changes.changed:
-            self._own_msgs()  # flags change in place; numbering waits for add_new / flush_expunges
         lines: list[bytes] = []
         new: list[Message] = []
         keywords_before = len(self.keywords)
@@ -122,10 +157,10 @@ class Selected:
             if m.uid > self.max_uid:
                 new.append(m)
                 continue
-            old = self.msgs.get(m.uid)
+            old = self.msg(m.uid)
             if old is None or m.uid in self.pending_expunge:
                 continue
-            self.msgs[m.uid] = m
+            self._set(m)  # flags change in place; numbering waits for add_new / flush_expunges
             if self.reported.get(m.uid) == m.modseq or (old.flags == m.flags and not condstore):
                 continue
             seq = self.seq_of(m.uid)
@@ -138,7 +173,7 @@ class Selected:
                 items.append(b"MODSEQ (%d)" % m.modseq)
             lines.append(b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n")
         for uid in changes.expunged:
-            if uid in self.msgs:
+            if self.has(uid):
                 self.pending_expunge.add(uid)
         if len(self.keywords) != keywords_before:
             lines.insert(0, self.flags_line())
@@ -149,11 +184,11 @@ class Selected:
     def add_new(self, new: list[Message]) -> list[bytes]:
         if not new:
             return []
-        self._own()
+        self._own_uids()
         for m in sorted(new, key=lambda m: m.uid):
             if m.uid > self.max_uid:
                 self.uids.append(m.uid)
-                self.msgs[m.uid] = m
+                self._set(m)
                 self.max_uid = m.uid
         return [r.untagged(len(self.uids), b"EXISTS")]
 
@@ -161,7 +196,7 @@ class Selected:
         """Tell the client about expunged messages and renumber."""
         if not self.pending_expunge:
             return []
-        self._own()
+        self._own_uids()
         gone = sorted(self.pending_expunge)
         lines: list[bytes] = []
         if vanished:
@@ -181,13 +216,14 @@ class Selected:
             gone_set = set(gone)
             self.uids = uid_array(u for u in self.uids if u not in gone_set)
         for uid in gone:
-            self.msgs.pop(uid, None)
+            self._drop(uid)
             self.reported.pop(uid, None)
         self.pending_expunge.clear()
         return lines
 
     def first_unseen(self) -> int | None:
+        msgs = self.msgs
         for i, uid in enumerate(self.uids):
-            if "\\Seen" not in self.msgs[uid].flags:
+            if "\\Seen" not in msgs[uid].flags:
                 return i + 1
         return None

@@ -585,7 +585,7 @@ class ImapSession:
             return [r.tagged(cmd.tag, "NO", b"READ-ONLY", "Mailbox is read-only")]
         uids = None if cmd.seqset is None else [u for _, u in sel.resolve(cmd.seqset, True)]
         gone = await self.storage.mail.expunge(self._acct(), sel.mailbox.id, uids)
-        sel.pending_expunge.update(u for u in gone if u in sel.msgs)
+        sel.pending_expunge.update(u for u in gone if sel.has(u))
         self.last_poll = 0.0
         lines = await self.updates("EXPUNGE", True)
         lines += sel.flush_expunges(self.qresync)
@@ -625,7 +625,7 @@ class ImapSession:
             lines += _flag_lines(pairs, sel.msgs)
             lines += await self.updates("FETCH", cmd.uid)
             return lines + [r.tagged(cmd.tag, "OK", None, "FETCH completed")]
-        msgs = [(seq, sel.msgs[uid]) for seq, uid in pairs if uid in sel.msgs]
+        msgs = [(seq, m) for seq, uid in pairs if (m := sel.msg(uid)) is not None]
         if cmd.changedsince is not None:
             msgs = [(s, m) for s, m in msgs if m.modseq > cmd.changedsince]
         seen_changed: set[int] = set()
@@ -635,7 +635,7 @@ class ImapSession:
                 changed, _ = await self.storage.mail.store_flags(acct, sel.mailbox.id, unseen, "add", ["\\Seen"])
                 sel.note_own(changed)
                 seen_changed = {m.uid for m in changed}
-                msgs = [(s, sel.msgs[m.uid]) for s, m in msgs]
+                msgs = [(s, sel.msg(m.uid) or m) for s, m in msgs]
         emails: dict[int, Email] = {}
         if needs_email(cmd.items) and msgs:
             emails = await self.storage.mail.emails(acct, [m.email_id for _, m in msgs])
@@ -669,7 +669,7 @@ class ImapSession:
             self.enabled.add("CONDSTORE")
         pairs = self._pairs(cmd.seqset, cmd.uid)
         mode = {c.StoreMode.ADD: "add", c.StoreMode.REMOVE: "remove", c.StoreMode.REPLACE: "replace"}[cmd.mode]
-        uids = [u for _, u in pairs if u in sel.msgs and u not in sel.pending_expunge]
+        uids = [u for _, u in pairs if sel.has(u) and u not in sel.pending_expunge]
         changed, failed = await self.storage.mail.store_flags(self._acct(), sel.mailbox.id, uids, mode, cmd.flags, cmd.unchangedsince)
         sel.note_own(changed)
         known_keywords = len(sel.keywords)
@@ -678,7 +678,7 @@ class ImapSession:
         changed_uids = {m.uid for m in changed}
         lines = []
         for seq, uid in pairs:
-            msg = sel.msgs.get(uid)
+            msg = sel.msg(uid)
             if msg is None or uid in failed_set:
                 continue
             if cmd.silent and not (self.condstore and uid in changed_uids):
@@ -719,7 +719,7 @@ class ImapSession:
         if is_move:
             if code:
                 lines.append(r.untagged_status("OK", code, "Moved"))
-            sel.pending_expunge.update(s for s, _ in mapping if s in sel.msgs)
+            sel.pending_expunge.update(s for s, _ in mapping if sel.has(s))
             self.last_poll = 0.0
             lines += await self.updates("MOVE", True)
             lines += sel.flush_expunges(self.qresync)
@@ -731,7 +731,8 @@ class ImapSession:
 
     async def _search(self, key: c.SearchKey, source: _Source) -> list[searching.Candidate]:
         sel = self._select_state()
-        candidates = [searching.Candidate(i + 1, sel.msgs[uid]) for i, uid in enumerate(sel.uids) if uid in sel.msgs]
+        msgs = sel.msgs
+        candidates = [searching.Candidate(i + 1, msgs[uid]) for i, uid in enumerate(sel.uids) if uid in msgs]
         return await searching.search(
             key, candidates, source,  # type: ignore[arg-type]
             largest_seq=len(sel), largest_uid=sel.uids[-1] if sel.uids else 0,
