@@ -114,13 +114,13 @@ class Selected:
             for lo, hi in seqset.resolve(largest):
                 i = bisect.bisect_left(self.uids, lo)
                 j = bisect.bisect_right(self.uids, hi)
-                out.extend((k + 1, self.uids[k]) for k in range(i, j))
+                out.extend(zip(range(i + 1, j + 1), self.uids[i:j]))
             return out
         largest = len(self.uids)
         for lo, hi in seqset.resolve(largest):
             if hi > largest or lo < 1:
                 raise InvalidSequence("message sequence number out of range")
-            out.extend((k, self.uids[k - 1]) for k in range(lo, hi + 1))
+            out.extend(zip(range(lo, hi + 1), self.uids[lo - 1 : hi]))
         return out
 
     def resolve_uids(self, uids: Iterable[int]) -> list[tuple[int, int]]:

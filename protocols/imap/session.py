@@ -800,15 +800,18 @@ def _blob_reader(storage: Storage) -> Callable[[Email, int, int | None], Awaitab
 
 def _flag_lines(pairs: list[tuple[int, int]], msgs: dict[int, Message]) -> list[bytes]:
     """``* n FETCH (UID u FLAGS (...))`` for every pair still in ``msgs``."""
-    encoded: dict[tuple[str, ...], bytes] = {}
+    # Built as text and encoded (UTF-8) once: str formatting is the faster
+    # road in CPython.
+    encoded: dict[tuple[str, ...], str] = {}
     out = []
+    get = msgs.get
     for seq, uid in pairs:
-        msg = msgs.get(uid)
+        msg = get(uid)
         if msg is None:
             continue
         flags = msg.flags
         tail = encoded.get(flags)
         if tail is None:
-            tail = encoded[flags] = b" FLAGS (" + " ".join(flags).encode() + b"))\r\n"
-        out.append(b"* %d FETCH (UID %d%s" % (seq, uid, tail))
-    return out
+            tail = encoded[flags] = " FLAGS (" + " ".join(flags) + "))\r\n"
+        out.append(f"* {seq} FETCH (UID {uid}{tail}")
+    return ["".join(out).encode()] if out else []
