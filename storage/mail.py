@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import bisect
 import functools
 import json
 import struct
@@ -256,8 +257,12 @@ class Snapshot:
         if not ordered:
             by_uid = dict(sorted(by_uid.items()))
         uids = None  # rebuilt from the map when first asked for
-        if ordered and not delta.expunged and self._uids is not None:
-            uids = uid_array(self._uids)
+        if ordered and self._uids is not None and len(delta.expunged) < 256:
+            uids = uid_array(self._uids)  # a memcpy; a few deletions move the tail
+            for uid in delta.expunged:
+                i = bisect.bisect_left(uids, uid)
+                if i < len(uids) and uids[i] == uid:
+                    del uids[i]
             uids.extend(fresh)
         keywords = self.keywords | {f for m in delta.changed for f in m.flags if not f.startswith("\\")}
         return Snapshot(self.mailbox, by_uid, max(self.highestmodseq, delta.highestmodseq), keywords, uids)
