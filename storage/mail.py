@@ -177,30 +177,52 @@ def uid_array(uids: Iterable[int] = ()) -> array.array[int]:
     return array.array("Q", uids)
 
 
+def fold(base: dict[int, Message], over: dict[int, Message], gone: Iterable[int]) -> dict[int, Message]:
+    """``base`` without ``gone``, with ``over`` laid on top: changed messages
+    keep their place, new ones (higher UIDs) come last, so UID order holds."""
+    out = dict(base)
+    for uid in gone:
+        out.pop(uid, None)
+    out.update(over)
+    return out
+
+
 class Snapshot:
     """What SELECT needs: the mailbox, its messages in UID order, HIGHESTMODSEQ.
 
-    ``by_uid`` keeps the messages in UID order (dicts keep insertion order;
-    new UIDs are always the highest). A snapshot is shared by every session
-    that selects it and never changed: :meth:`apply` makes a new one, and
-    sessions copy before changing anything (see protocols/imap/selected.py).
+    A snapshot is shared by every session that selects it and never changed:
+    :meth:`apply` makes a new one. The messages are a big map (``base``,
+    shared from snapshot to snapshot) with the changes since it was built
+    beside it (``over``: changed or new messages; ``gone``: expunged UIDs),
+    folded into a new map only once they grow past :attr:`OVERLAY_MAX`, so a
+    change to a 10,000-message mailbox does not copy 10,000 entries. Dicts
+    keep insertion order and new UIDs are always the highest, so ``by_uid``
+    is in UID order.
     """
 
-    __slots__ = ("mailbox", "by_uid", "highestmodseq", "_keywords", "_uids")
+    __slots__ = ("mailbox", "base", "over", "gone", "highestmodseq", "_keywords", "_uids", "_folded")
+
+    #: Changes kept beside the shared map before they are folded into a copy.
+    OVERLAY_MAX = 512
 
     def __init__(
         self,
         mailbox: Mailbox,
-        by_uid: dict[int, Message],
+        base: dict[int, Message],
         highestmodseq: int,
         keywords: frozenset[str] | None = None,
         uids: array.array[int] | None = None,
+        over: dict[int, Message] | None = None,
+        gone: frozenset[int] = frozenset(),
     ) -> None:
         self.mailbox = mailbox
-        self.by_uid = by_uid
+        self.base = base
+        self.over: dict[int, Message] = over if over is not None else {}
+        self.gone = gone
         self.highestmodseq = highestmodseq
         self._keywords = keywords
         self._uids = uids
+        self._folded: dict[int, Message] | None = None
 
     @classmethod
     def of(cls, mailbox: Mailbox, messages: Iterable[Message], highestmodseq: int) -> Snapshot:
@@ -210,11 +232,22 @@ class Snapshot:
         """The same messages with a fresher mailbox record or HIGHESTMODSEQ."""
         return Snapshot(
             mailbox or self.mailbox,
-            self.by_uid,
+            self.base,
             self.highestmodseq if highestmodseq is None else highestmodseq,
             self._keywords,
             self._uids,
+            self.over,
+            self.gone,
         )
+
+    @property
+    def by_uid(self) -> dict[int, Message]:
+        """UID -> message, in UID order (the overlay folded in, once)."""
+        if not self.over and not self.gone:
+            return self.base
+        if self._folded is None:
+            self._folded = fold(self.base, self.over, self.gone)
+        return self._folded
 
     @property
     def messages(self) -> list[Message]:
@@ -236,26 +269,34 @@ class Snapshot:
     def apply(self, delta: MailboxChanges) -> Snapshot:
         """A new snapshot with ``delta`` folded in (the old one is shared, never changed).
 
-        The UID map and list are carried over by copying (C-speed) rather
-        than rebuilt, so a change to a big mailbox costs a copy, not a scan.
-        Keywords are only ever added, as Dovecot keeps them: FLAGS may name
-        one no message carries any more.
+        The overlay and the UID array are carried over by copying (small,
+        or a memcpy) rather than rebuilt. Keywords are only ever added, as
+        Dovecot keeps them: FLAGS may name one no message carries any more.
         """
-        by_uid = dict(self.by_uid)
+        base = self.base
+        over = dict(self.over)
+        gone = set(self.gone)
+        last = max(next(reversed(base), 0), max(over, default=0))
         for uid in delta.expunged:
-            by_uid.pop(uid, None)
-        last = next(reversed(self.by_uid), 0)
+            over.pop(uid, None)
+            if uid in base:
+                gone.add(uid)
         fresh: list[int] = []
         ordered = True
         for m in delta.changed:  # in UID order
-            if m.uid not in by_uid:
+            if m.uid not in over and (m.uid not in base or m.uid in gone):
                 if m.uid > last:
                     fresh.append(m.uid)
+                    last = m.uid
                 else:
                     ordered = False  # UIDs only go up; keep UID order anyway
-            by_uid[m.uid] = m
-        if not ordered:
-            by_uid = dict(sorted(by_uid.items()))
+                gone.discard(m.uid)
+            over[m.uid] = m
+        if not ordered or len(over) + len(gone) > self.OVERLAY_MAX:
+            base = fold(base, over, gone)
+            if not ordered:
+                base = dict(sorted(base.items()))
+            over, gone = {}, set()
         uids = None  # rebuilt from the map when first asked for
         if ordered and self._uids is not None and len(delta.expunged) < 256:
             uids = uid_array(self._uids)  # a memcpy; a few deletions move the tail
@@ -265,7 +306,9 @@ class Snapshot:
                     del uids[i]
             uids.extend(fresh)
         keywords = self.keywords | {f for m in delta.changed for f in m.flags if not f.startswith("\\")}
-        return Snapshot(self.mailbox, by_uid, max(self.highestmodseq, delta.highestmodseq), keywords, uids)
+        return Snapshot(
+            self.mailbox, base, max(self.highestmodseq, delta.highestmodseq), keywords, uids, over, frozenset(gone)
+        )
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ import array
 import bisect
 from collections.abc import Iterable
 
-from storage.mail import Mailbox, MailboxChanges, Message, Snapshot, uid_array
+from storage.mail import Mailbox, MailboxChanges, Message, Snapshot, fold, uid_array
 
 from . import response as r
 from .commands import SequenceSet
@@ -38,9 +38,9 @@ class Selected:
         # (``_own``, ``_gone``) over the shared map, so a flag change costs
         # one entry, not a copy of the whole mailbox.
         self.uids: array.array[int] = snap.uids
-        self._base: dict[int, Message] = snap.by_uid
-        self._own: dict[int, Message] = {}
-        self._gone: set[int] = set()
+        self._base: dict[int, Message] = snap.base
+        self._own: dict[int, Message] = dict(snap.over)
+        self._gone: set[int] = set(snap.gone)
         self._shared_uids = True
         self.modseq = snap.highestmodseq
         self.max_uid = max(snap.mailbox.uidnext - 1, self.uids[-1] if self.uids else 0)
@@ -73,11 +73,13 @@ class Selected:
             self._gone.add(uid)
 
     def _fold(self) -> None:
-        base = dict(self._base)
-        for uid in self._gone:
-            base.pop(uid, None)
-        base.update(self._own)
-        self._base, self._own, self._gone = base, {}, set()
+        self._base, self._own, self._gone = fold(self._base, self._own, self._gone), {}, set()
+
+    def layers(self) -> tuple[dict[int, Message], dict[int, Message]]:
+        """``(overlay, shared map)``, for loops over many UIDs of this view:
+        ``own.get(uid) or base[uid]`` is the message, for every UID in
+        :attr:`uids` (expunged ones leave the list as they leave the view)."""
+        return self._own, self._base
 
     @property
     def msgs(self) -> dict[int, Message]:
@@ -222,8 +224,9 @@ class Selected:
         return lines
 
     def first_unseen(self) -> int | None:
-        msgs = self.msgs
+        own, base = self.layers()
         for i, uid in enumerate(self.uids):
-            if "\\Seen" not in msgs[uid].flags:
+            m = own.get(uid) or base.get(uid)
+            if m is not None and "\\Seen" not in m.flags:
                 return i + 1
         return None

@@ -622,7 +622,7 @@ class ImapSession:
         if names <= {"UID", "FLAGS"} and "FLAGS" in names and (cmd.uid or "UID" in names) and cmd.changedsince is None:
             # The flag sync every client runs on every mailbox, in one format,
             # each distinct flag list encoded once.
-            lines += _flag_lines(pairs, sel.msgs)
+            lines += _flag_lines(pairs, *sel.layers())
             lines += await self.updates("FETCH", cmd.uid)
             return lines + [r.tagged(cmd.tag, "OK", None, "FETCH completed")]
         msgs = [(seq, m) for seq, uid in pairs if (m := sel.msg(uid)) is not None]
@@ -731,8 +731,10 @@ class ImapSession:
 
     async def _search(self, key: c.SearchKey, source: _Source) -> list[searching.Candidate]:
         sel = self._select_state()
-        msgs = sel.msgs
-        candidates = [searching.Candidate(i + 1, msgs[uid]) for i, uid in enumerate(sel.uids) if uid in msgs]
+        own, base = sel.layers()
+        candidates = [
+            searching.Candidate(i + 1, m) for i, uid in enumerate(sel.uids) if (m := own.get(uid) or base.get(uid)) is not None
+        ]
         return await searching.search(
             key, candidates, source,  # type: ignore[arg-type]
             largest_seq=len(sel), largest_uid=sel.uids[-1] if sel.uids else 0,
@@ -798,15 +800,16 @@ def _blob_reader(storage: Storage) -> Callable[[Email, int, int | None], Awaitab
     return read
 
 
-def _flag_lines(pairs: list[tuple[int, int]], msgs: dict[int, Message]) -> list[bytes]:
-    """``* n FETCH (UID u FLAGS (...))`` for every pair still in ``msgs``."""
+def _flag_lines(pairs: list[tuple[int, int]], own: dict[int, Message], base: dict[int, Message]) -> list[bytes]:
+    """``* n FETCH (UID u FLAGS (...))`` for every pair, the message taken
+    from the session's overlay, else the shared map (:meth:`Selected.layers`)."""
     # Built as text and encoded (UTF-8) once: str formatting is the faster
     # road in CPython.
     encoded: dict[tuple[str, ...], str] = {}
     out = []
-    get = msgs.get
+    mine, shared = own.get, base.get
     for seq, uid in pairs:
-        msg = get(uid)
+        msg = mine(uid) or shared(uid)
         if msg is None:
             continue
         flags = msg.flags

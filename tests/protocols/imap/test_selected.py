@@ -59,3 +59,40 @@ def test_overlay_matches_a_plain_dict_under_random_changes() -> None:
         for u in rng.sample(sorted(model), 5):
             assert sel.msg(u) == model[u] and sel.has(u)
     assert sel.msgs == model
+
+
+def test_snapshot_chain_with_overlay_matches_a_plain_dict(monkeypatch: object) -> None:
+    """The node's snapshots keep changes beside a shared map and fold them in
+    past a bound; every snapshot, and a session started from any of them,
+    must see exactly the mailbox a plain dict would."""
+    import pytest
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Snapshot, "OVERLAY_MAX", 8)
+    try:
+        rng = random.Random(11)
+        snap = snapshot(50)
+        model = dict(snap.by_uid)
+        modseq, next_uid = 50, 51
+        snap.uids  # noqa: B018 - the UID array is carried forward from here on
+        for step in range(200):
+            modseq += 1
+            known = sorted(model)
+            gone = rng.sample(known, min(len(known), rng.randint(0, 2)))
+            changed = [message(u, modseq, (f"$k{step % 3}",)) for u in rng.sample(known, min(len(known), 2)) if u not in gone]
+            for _ in range(rng.randint(0, 2)):
+                changed.append(message(next_uid, modseq))
+                next_uid += 1
+            changed.sort(key=lambda m: m.uid)
+            snap = snap.apply(MailboxChanges(changed, gone, modseq))
+            for u in gone:
+                model.pop(u)
+            for m in changed:
+                model[m.uid] = m
+            assert snap.by_uid == model and list(snap.by_uid) == sorted(model)
+            assert list(snap.uids) == sorted(model)
+            sel = Selected(snap, readonly=True)
+            assert all(sel.msg(u) == m for u, m in model.items()) and not any(sel.has(u) for u in gone)
+            assert sel.msgs == model
+    finally:
+        mp.undo()
