@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import formatdate, getaddresses, make_msgid
-from typing import Any
+from typing import Any, TypeVar
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
@@ -68,6 +68,7 @@ from .session import (
     peer_text,
 )
 
+_P = TypeVar("_P", MailParams, RcptParams)
 log = logging.getLogger("rookery.submission")
 
 AUTH_OK = "235 2.7.0 Authentication successful"
@@ -430,25 +431,28 @@ class SubmissionSMTP(RookerySMTP):
     dsn_mail: MailParams | None = None
     dsn_rcpt: RcptParams | None = None
 
+    async def _take_dsn(self, arg: str, take: Callable[[str], tuple[str, _P]]) -> tuple[str, _P | None] | None:
+        """``arg`` without its DSN parameters, and those parameters; None
+        once a malformed one was answered with 501."""
+        if not (arg and self.session is not None and self.session.extended_smtp):
+            return arg, None
+        try:
+            return take(arg)
+        except DsnParamError as exc:
+            await self.push(str(exc))
+            return None
+
     async def smtp_MAIL(self, arg: str) -> None:
-        self.dsn_mail = None
-        if arg and self.session is not None and self.session.extended_smtp:
-            try:
-                arg, self.dsn_mail = take_mail_params(arg)
-            except DsnParamError as exc:
-                await self.push(str(exc))
-                return
-        await super().smtp_MAIL(arg)
+        taken = await self._take_dsn(arg, take_mail_params)
+        self.dsn_mail = taken[1] if taken else None
+        if taken is not None:
+            await super().smtp_MAIL(taken[0])
 
     async def smtp_RCPT(self, arg: str) -> None:
-        self.dsn_rcpt = None
-        if arg and self.session is not None and self.session.extended_smtp:
-            try:
-                arg, self.dsn_rcpt = take_rcpt_params(arg)
-            except DsnParamError as exc:
-                await self.push(str(exc))
-                return
-        await super().smtp_RCPT(arg)
+        taken = await self._take_dsn(arg, take_rcpt_params)
+        self.dsn_rcpt = taken[1] if taken else None
+        if taken is not None:
+            await super().smtp_RCPT(taken[0])
 
     # aiosmtpd reads ``_auth_require_tls`` in EHLO (advertise AUTH?) and AUTH
     # (538?) and only knows STARTTLS; implicit TLS and loopback peers count

@@ -145,13 +145,17 @@ def ca() -> trustme.CA:
 
 
 @contextlib.asynccontextmanager
-async def sink_server(ca: trustme.CA, *, auth: bool = False) -> AsyncIterator[tuple[Sink, int]]:
-    sink = Sink()
+async def sink_server(
+    ca: trustme.CA, *, auth: bool = False, sink: Sink | None = None, protocol: type[SinkSMTP] | None = None,
+) -> AsyncIterator[tuple[Any, int]]:
+    """The sink on a loopback port, with STARTTLS (and AUTH if asked);
+    ``sink`` and ``protocol`` swap in a sink of another kind."""
+    sink = Sink() if sink is None else sink
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
 
     def factory() -> SMTP:
-        proto = SinkSMTP(
+        proto = (protocol or SinkSMTP)(
             sink, hostname="sink.test", tls_context=ctx, decode_data=False, enable_SMTPUTF8=True,
             authenticator=sink.authenticate if auth else None, auth_required=auth, auth_require_tls=True,
         )
@@ -714,23 +718,6 @@ class DsnSink(Sink):
         return responses[:-1] + ["250-DSN", responses[-1]]
 
 
-@contextlib.asynccontextmanager
-async def dsn_sink_server() -> AsyncIterator[tuple[DsnSink, int]]:
-    sink = DsnSink()
-
-    def factory() -> SMTP:
-        proto = DsnSinkSMTP(sink, hostname="sink.test", decode_data=False, enable_SMTPUTF8=True)
-        proto.sink = sink
-        return proto
-
-    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-    try:
-        yield sink, server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
 def dsn_parts(raw: bytes) -> tuple[email.message.Message, list[email.message.Message], list[email.message.Message]]:
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert msg.get_content_type() == "multipart/report"
@@ -800,10 +787,10 @@ async def test_notify_success_relayed_when_the_next_hop_has_no_dsn(env: SimpleNa
     assert parts[2].get_content_type() == "text/rfc822-headers"
 
 
-async def test_dsn_parameters_go_on_to_a_next_hop_that_supports_dsn(env: SimpleNamespace) -> None:
+async def test_dsn_parameters_go_on_to_a_next_hop_that_supports_dsn(env: SimpleNamespace, ca: trustme.CA) -> None:
     from storage.queue import Recipient as QR
 
-    async with dsn_sink_server() as (box, port):
+    async with sink_server(ca, sink=DsnSink(), protocol=DsnSinkSMTP) as (box, port):
         w = worker(env.storage, env.queue, port)
         await env.queue.enqueue(
             "alice@example.org",
