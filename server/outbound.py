@@ -273,24 +273,24 @@ def build_dsn(
     """
     boundary = f"{secrets.token_hex(12)}={hostname}"
     date = formatdate(now, localtime=False)
-    human = [f"This is the mail system at host {hostname}.", ""]
+    # The human-readable part: one paragraph per kind of report.
+    sections: list[list[str]] = []
     if failed:
-        human += ["Your message could not be delivered to one or more recipients.",
-                  f"It is attached below{'' if full else ' (headers only)'}.", ""]
-        human += [f"<{r.address}>: {r.reply or 'delivery failed'}" for r in failed]
+        sections.append(["Your message could not be delivered to one or more recipients.",
+                         f"It is attached below{'' if full else ' (headers only)'}.", ""]
+                        + [f"<{r.address}>: {r.reply or 'delivery failed'}" for r in failed])
     if delayed:
-        if len(human) > 2:
-            human.append("")
         until = formatdate(msg.expires, localtime=False)
-        human += ["Your message could not be delivered yet to the recipients below.",
-                  f"Delivery will be retried until {until}; you need not send it again.", ""]
-        human += [f"<{r.address}>: {r.reply or 'delivery delayed'}" for r in delayed]
+        sections.append(["Your message could not be delivered yet to the recipients below.",
+                         f"Delivery will be retried until {until}; you need not send it again.", ""]
+                        + [f"<{r.address}>: {r.reply or 'delivery delayed'}" for r in delayed])
     if succeeded:
-        if len(human) > 2:
-            human.append("")
-        human += ["Your message was delivered to the recipients below, as you asked to be told.", ""]
-        human += [f"<{r.address}>: {'delivered to the mailbox' if r.local is not None else 'relayed: ' + r.reply}"
-                  for r in succeeded]
+        sections.append(["Your message was delivered to the recipients below, as you asked to be told.", ""]
+                        + [f"<{r.address}>: {'delivered to the mailbox' if r.local is not None else 'relayed: ' + r.reply}"
+                           for r in succeeded])
+    human = [f"This is the mail system at host {hostname}.", ""]
+    for i, section in enumerate(sections):
+        human += ([""] if i else []) + section
     per_message = [f"Reporting-MTA: dns; {hostname}"]
     if msg.envid:
         per_message.append(f"Original-Envelope-Id: {_one_line(msg.envid)}")  # RFC 3464 §2.2.1
