@@ -83,12 +83,10 @@ class Selected:
 
     @property
     def msgs(self) -> dict[int, Message]:
-        """UID -> message, whole (for operations over many messages). The
-        shared map itself while nothing changed; else the overlay is folded
-        into a private copy once."""
-        if self._own or self._gone:
-            self._fold()
-        return self._base
+        """UID -> message, the whole view: the shared map itself while
+        nothing changed, else a copy with the overlay laid on it (loops over
+        many UIDs use :meth:`layers` instead)."""
+        return fold(self._base, self._own, self._gone) if self._own or self._gone else self._base
 
     def _own_uids(self) -> None:
         if self._shared_uids:

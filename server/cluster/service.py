@@ -177,12 +177,8 @@ class ClusterService:
         """
         if self.channel is None:
             return
-        pending = self._changed.get(account)
-        if pending is None:
-            self._changed[account] = (change_id, set(kinds))
-        else:
-            pending[1].update(kinds)
-            self._changed[account] = (max(change_id, pending[0]), pending[1])
+        newest, seen = self._changed.get(account, (0, set()))
+        self._changed[account] = (max(newest, change_id), seen | set(kinds))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_changed)
