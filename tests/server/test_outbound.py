@@ -427,10 +427,14 @@ async def test_two_workers_never_deliver_twice_and_take_over_dead_leases(tmp_pat
             assert all(claimed) and sum(claimed) == 12  # both nodes worked
 
             # A node takes three messages and dies without a word: once its
-            # leases expire, the live workers deliver them, once.
+            # leases expire, the live workers deliver them, once. The
+            # messages fall due half a second from now and the dead node
+            # claims them as of then, so the live workers, polling every
+            # 0.1 s, cannot take one first.
+            due = time.time() + 0.5
             for i in range(3):
-                await q1.enqueue("alice@example.org", [f"z{i}@dead.test"], body(mid=f"dead{i}"))
-            dead = await q1.claim("dead-node", time.time(), 10, 1.0)
+                await q1.enqueue("alice@example.org", [f"z{i}@dead.test"], body(mid=f"dead{i}"), now=due)
+            dead = await q1.claim("dead-node", due, 10, 1.0)
             assert len(dead) == 3
             await wait_for(lambda: len(box.messages) >= 15, timeout=8)
             await wait_for(_empty(q2))
