@@ -552,6 +552,14 @@ _ADDR_TOKEN = re.compile(
     r"|(?P<other>.)",
     re.DOTALL,
 )
+_ATOM = r'[^\s"()\[\]<>@,;:\\]+'
+#: One address with nothing unusual in it (``a@b``, ``<a@b>``, ``Some Name
+#: <a@b>``), by far the common field value: parsed by one match, with the
+#: same result as the tokenizer below gives it.
+_SIMPLE_ADDRESS = re.compile(
+    rf"(?:(?P<name>{_ATOM}(?:[ \t]+{_ATOM})*)?[ \t]*<(?P<local>{_ATOM})@(?P<host>{_ATOM})>"
+    rf"|(?P<bare>{_ATOM})@(?P<bare_host>{_ATOM}))\Z"
+)
 
 
 @dataclass(slots=True)
@@ -637,6 +645,21 @@ def _addresses(value: bytes | None, state: _State) -> list[Address] | None:
     if value is None:
         return None
     limit = min(MAX_ADDRESSES, state.address_budget)
+    text = _unfold(value)
+    simple = _SIMPLE_ADDRESS.match(text) if limit > 0 else None
+    out = _tokenized_addresses(text, limit) if simple is None else [_simple_address(simple)]
+    state.address_budget -= len(out)
+    return out or None
+
+
+def _simple_address(m: re.Match[str]) -> Address:
+    if m.group("bare") is not None:
+        return Address(None, None, m.group("bare"), m.group("bare_host"))
+    name = m.group("name")
+    return Address(" ".join(name.split()) if name else None, None, m.group("local"), m.group("host"))
+
+
+def _tokenized_addresses(text: str, limit: int) -> list[Address]:
     out: list[Address] = []
     buf: list[_Tok] = []
     angle = route = group = False
@@ -648,7 +671,7 @@ def _addresses(value: bytes | None, state: _State) -> list[Address] | None:
                 out.append(addr)
             buf.clear()
 
-    for t in _addr_tokens(_unfold(value)):
+    for t in _addr_tokens(text):
         if len(out) >= limit:
             break
         if t.kind == "sp":
@@ -676,8 +699,7 @@ def _addresses(value: bytes | None, state: _State) -> list[Address] | None:
         flush()
     if group:
         out.append(Address(None, None, None, None))
-    state.address_budget -= len(out)
-    return out or None
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -508,6 +508,32 @@ def test_address_details() -> None:
     assert env.reply_to == env.from_  # present but empty: RFC 3501 default
 
 
+_ADDRESS_PIECES = st.sampled_from(
+    ["a", "b.c", "J.", "=?utf-8?q?J=C3=B6rg?=", "\u00e9", " ", "  ", "\t", "<", ">", "@", ",", ";", ":",
+     '"', "(", ")", "[", "]", "\\", "x@y", "<a@b>", "Name", "-"]
+)
+
+
+@settings(max_examples=600)
+@given(st.lists(_ADDRESS_PIECES, max_size=8).map("".join))
+def test_simple_address_shortcut_agrees_with_the_tokenizer(text: str) -> None:
+    """Values the one-match shortcut takes get the answer the tokenizer gives."""
+    text = text.strip(" \t")
+    m = mime._SIMPLE_ADDRESS.match(text)
+    if m is not None:
+        assert mime._tokenized_addresses(text, mime.MAX_ADDRESSES) == [mime._simple_address(m)]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["<a@b.test>", "a@b.test", "Some  Name <a@b.test>", "J. Random\tHacker<x.y@z>", "=?utf-8?q?J=C3=B6rg?= <j@x>"],
+)
+def test_simple_address_shortcut_takes_common_forms(value: str) -> None:
+    m = mime._SIMPLE_ADDRESS.match(value)
+    assert m is not None
+    assert mime._tokenized_addresses(value, mime.MAX_ADDRESSES) == [mime._simple_address(m)]
+
+
 def test_envelope_defaults() -> None:
     env = mime.parse(SIMPLE).envelope
     assert env.sender == env.from_ and env.reply_to == env.from_
