@@ -151,7 +151,10 @@ class ListenerService:
 
 def smtp_limits(config: Config) -> SmtpLimits:
     cfg = config.smtp
-    return SmtpLimits(cfg.max_message_size, cfg.max_recipients, cfg.command_timeout, cfg.max_connections)
+    return SmtpLimits(
+        cfg.max_message_size, cfg.max_recipients, cfg.command_timeout, cfg.max_connections,
+        cfg.data_timeout, cfg.max_bad_commands, cfg.max_line_length,
+    )
 
 
 class SmtpService(ListenerService):

@@ -16,7 +16,7 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
-from .session import InboundHandler, SmtpLimits
+from .session import InboundHandler, SmtpLimits, peer_text
 
 log = logging.getLogger("rookery.smtp")
 
@@ -34,6 +34,10 @@ _DEFAULT_ENHANCED = {
 _PLAIN_PATH = re.compile(r"\s*<([^<>\s\"(),:;@\\\[\]]+@[^<>\s\"(),:;@\\\[\]]+)>(.*)\Z", re.S)
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 TOO_BUSY = b"421 4.7.0 Too many connections, try again later\r\n"
+TIMED_OUT = b"421 4.4.2 Timeout exceeded, closing connection\r\n"
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+LINE_TOO_LONG = "500 5.5.2 Line too long"
+INTERNAL_ERROR = "421 4.3.0 Internal error, closing connection"
 
 
 class SessionRegistry:
@@ -48,10 +52,25 @@ class SessionRegistry:
 
 
 class RookerySMTP(SMTP):
-    def __init__(self, handler: Any, registry: SessionRegistry, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, registry: SessionRegistry, limits: SmtpLimits | None = None, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._registry = registry
+        self._limits = limits or SmtpLimits()
         self._plain_replies = False
+        #: Error replies since the last accepted message (Postfix's
+        #: smtpd_hard_error_limit): past the limit the client is cut off.
+        self._errors = 0
+        self._long_line = re.compile(rb"[^\n]{%d}" % (self._limits.max_line_length + 2))
+        #: Loop time by which a DATA transfer under way must end.
+        self._data_deadline: float | None = None
+
+    def data_received(self, data: bytes) -> None:
+        # Bytes of DATA arriving restart the command timer, so a large message
+        # coming slowly but steadily is not cut off; the whole transfer still
+        # ends by its deadline (RFC 5321 §4.5.3.2.5-6).
+        if self._data_deadline is not None:
+            self._reset_timeout(max(0.001, min(self._limits.command_timeout, self._data_deadline - self.loop.time())))
+        super().data_received(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if len(self._registry) >= self._registry.limit:
@@ -80,12 +99,38 @@ class RookerySMTP(SMTP):
     async def push(self, status: AnyStr) -> None:
         text = status.decode("utf-8", "surrogateescape") if isinstance(status, bytes) else status
         greeting = self._plain_replies and text.startswith("250")
+        if greeting and text.rstrip() == "250-AUTH":
+            return  # aiosmtpd's AUTH line with every mechanism excluded (the MX)
         if not greeting and len(text) >= 4 and text[3] == " " and not _ENHANCED.match(text):
             code = text[:3]
             enhanced = _DEFAULT_ENHANCED.get(code)
             if enhanced is not None:
                 text = f"{code} {enhanced} {text[4:]}"
+        closing = text.startswith("421")
+        if text[:1] in ("4", "5") and not closing:
+            self._errors += 1
+            if self._errors >= self._limits.max_bad_commands:
+                await super().push(text)
+                text, closing = TOO_MANY_ERRORS, True
+        elif text.startswith("250 2.0.0 OK queued"):
+            self._errors = 0
         await super().push(text)
+        # A 421 closes the connection (RFC 5321 §3.8), whoever sent it.
+        if closing and self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes without a word; RFC 5321 §4.5.3.2 wants a 421 first.
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(TIMED_OUT)
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def handle_exception(self, error: Exception) -> str:
+        peer = peer_text(self.session) if self.session is not None else "?"
+        log.error("smtp session error: %r", error, exc_info=error, extra={"peer": peer})
+        return INTERNAL_ERROR
 
     # EHLO/HELO success replies carry no enhanced code (RFC 2034 §3): the
     # keyword lines must stay parseable.
@@ -131,6 +176,7 @@ class RookerySMTP(SMTP):
         parts: list[bytes] = []
         size = 0
         too_big = False
+        self._data_deadline = self.loop.time() + self._limits.data_timeout
         try:
             while True:
                 try:
@@ -153,11 +199,20 @@ class RookerySMTP(SMTP):
                     break
         finally:
             reader._limit = saved_limit  # type: ignore[attr-defined]
+            self._data_deadline = None
+            if self.transport is not None and not self.transport.is_closing():
+                self._reset_timeout()
         if too_big:
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push("552 Error: Too much mail data")
             return
         data = b"".join(parts)[:-3]
+        # RFC 5321 §4.5.3.1.6: 998 octets and CRLF at most. The search runs in
+        # C over the whole message, a few microseconds for 10 kB.
+        if len(data) > self._limits.max_line_length and self._long_line.search(data):
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(LINE_TOO_LONG)
+            return
         # Undo dot-stuffing: a leading dot of any line is removed (§4.5.2).
         data = data.replace(b"\r\n.", b"\r\n")
         if data.startswith(b"."):
@@ -218,7 +273,7 @@ class SmtpListener:
         }
 
     def _factory(self) -> RookerySMTP:
-        return self.protocol(self.handler, self.registry, **self._options())
+        return self.protocol(self.handler, self.registry, self.limits, **self._options())
 
     def _server_ssl(self) -> ssl.SSLContext | None:
         """TLS on the listening socket itself (implicit TLS); none for the MX."""

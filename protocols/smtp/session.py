@@ -24,7 +24,8 @@ from storage.errors import InvalidInput, RookeryError
 log = logging.getLogger("rookery.smtp")
 
 OK_MAIL = "250 2.1.0 Sender OK"
-OK_RCPT = "250 2.1.5 LocalRecipient OK"
+OK_RCPT = "250 2.1.5 Recipient OK"
+NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address needs SMTPUTF8 (RFC 6531 §3.4)"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 TEMP_FAILURE = "451 4.3.0 Temporary failure, please try again later"
 BAD_SENDER = "553 5.1.7 Bad sender address syntax"
@@ -38,6 +39,12 @@ class SmtpLimits:
     max_recipients: int = 100
     command_timeout: float = 300.0
     max_connections: int = 1000
+    #: The whole DATA transfer, however steadily it progresses.
+    data_timeout: float = 600.0
+    #: Error replies (4xx/5xx) without a message accepted before the client is cut off.
+    max_bad_commands: int = 20
+    #: Octets of one DATA line, CRLF not counted (RFC 5321 §4.5.3.1.6).
+    max_line_length: int = 998
 
 
 def peer_text(session: Session) -> str:
@@ -78,6 +85,8 @@ class InboundHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
         if address not in ("", "<>"):
+            if not address.isascii() and not envelope.smtp_utf8:
+                return NEEDS_SMTPUTF8
             try:
                 normalize_address(address)
             except InvalidInput:
@@ -92,6 +101,8 @@ class InboundHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self.limits.max_recipients:
             return TOO_MANY_RECIPIENTS
+        if not address.isascii() and not envelope.smtp_utf8:
+            return NEEDS_SMTPUTF8
         try:
             normalized = normalize_address(address)
         except InvalidInput:
@@ -101,6 +112,9 @@ class InboundHandler:
         except RookeryError as exc:
             log.info("rcpt refused %s: %s", normalized, exc.text, extra={"peer": peer_text(session)})
             return exc.smtp
+        except Exception:  # the store failing is the server's trouble, not the address's
+            log.exception("rcpt lookup failed", extra={"peer": peer_text(session)})
+            return TEMP_FAILURE
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         getattr(envelope, "rcpt_local", []).append(recipient)
@@ -148,10 +162,6 @@ class InboundHandler:
             extra={"peer": peer, "id": queue_id, "size": len(raw), "rcpts": len(deliveries), "from": envelope.mail_from},
         )
         return f"250 2.0.0 OK queued as {queue_id}"
-
-    async def handle_exception(self, error: Exception) -> str:
-        log.error("smtp session error: %r", error)
-        return "421 4.3.0 Internal error, closing connection"
 
     async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
         # PROXY protocol is off (no proxy_protocol_timeout); refuse if reached.

@@ -6,6 +6,7 @@ import asyncio
 import smtplib
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -283,9 +284,137 @@ async def test_starttls_and_smtputf8(node: ServerState) -> None:
             s.starttls(context=ctx)
             s.ehlo("client.test")
             assert s.has_extn("smtputf8")
+            assert not s.has_extn("auth")  # not even a bare AUTH line once under TLS
             return s.sendmail("jösé@remote.test", ["jösé@example.org"], body, mail_options=["SMTPUTF8"])
 
     assert await asyncio.to_thread(run) == {}
     [raw] = await inbox(node, "alice@example.org")
     assert raw.endswith(body)
     assert b"with ESMTPS id" in raw
+
+
+@pytest.fixture
+async def strict_node(tmp_path: Path):
+    cfg = node_config(
+        tmp_path / "data", smtp__command_timeout=0.5, smtp__data_timeout=1.5, smtp__max_bad_commands=3,
+    )
+    async with running_node(cfg) as state:
+        await make_account(state.storage, "alice@example.org")
+        yield state
+
+
+def _dialog(port: int, script: list[tuple[float, bytes]], replies: int, timeout: float = 10) -> list[bytes]:
+    """Send each line after its pause, then read ``replies`` lines (or to EOF)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        f = sock.makefile("rb")
+        out = [f.readline()]
+        for pause, data in script:
+            time.sleep(pause)
+            try:
+                sock.sendall(data)
+            except OSError:  # closed by the server: read what it said
+                break
+        while len(out) < replies + 1:
+            line = f.readline()
+            out.append(line)
+            if not line:
+                break
+        return out
+
+
+async def test_idle_client_gets_421_before_the_close(strict_node: ServerState) -> None:
+    replies = await asyncio.to_thread(_dialog, strict_node.ports["smtp"], [], 2)
+    assert replies[0].startswith(b"220 ")
+    assert replies[1].startswith(b"421 4.4.2"), replies
+    assert replies[2] == b""  # then closed
+
+
+async def test_data_that_keeps_coming_outlives_the_command_timer_but_not_its_deadline(strict_node: ServerState) -> None:
+    start = [(0.0, b"HELO c\r\nMAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")]
+    # 1.2 s of steady lines, each gap shorter than the 0.5 s command timer.
+    steady = start + [(0.3, b"line\r\n") for _ in range(4)] + [(0.0, b".\r\n")]
+    replies = await asyncio.to_thread(_dialog, strict_node.ports["smtp"], steady, 5)
+    assert [r[:3] for r in replies[1:6]] == [b"250", b"250", b"250", b"354", b"250"], replies
+    # Steady again, but past the 1.5 s deadline of the whole transfer.
+    endless = start + [(0.3, b"line\r\n") for _ in range(8)]
+    replies = await asyncio.to_thread(_dialog, strict_node.ports["smtp"], endless, 6)
+    assert replies[5].startswith(b"421 4.4.2"), replies
+    assert len(await inbox(strict_node, "alice@example.org")) == 1
+
+
+async def test_too_many_errors_end_the_session(strict_node: ServerState) -> None:
+    script = [(0.0, b"HELO c\r\nMAIL FROM:<x@remote.test>\r\n")]
+    script += [(0.0, f"RCPT TO:<nobody{i}@example.org>\r\n".encode()) for i in range(3)]
+    replies = await asyncio.to_thread(_dialog, strict_node.ports["smtp"], script, 7)
+    assert [r[:3] for r in replies[1:]] == [b"250", b"250", b"550", b"550", b"550", b"421", b""], replies
+
+
+async def test_a_data_line_over_998_octets_is_refused(node: ServerState) -> None:
+    def run(line_length: int) -> tuple[int, bytes]:
+        with client(node) as s:
+            s.ehlo("client.test")
+            s.mail("x@remote.test")
+            s.rcpt("alice@example.org")
+            code, text = s.data(b"Subject: long\r\n\r\n" + b"a" * line_length + b"\r\n")
+            # The session goes on after a refusal.
+            assert s.noop()[0] == 250
+            return code, text
+
+    assert (await asyncio.to_thread(run, 998))[0] == 250
+    code, text = await asyncio.to_thread(run, 999)
+    assert code == 500 and text.startswith(b"5.5.2"), text
+    assert len(await inbox(node, "alice@example.org")) == 1
+
+
+async def test_non_ascii_addresses_need_smtputf8(node: ServerState) -> None:
+    script = [(0.0, "EHLO c\r\nMAIL FROM:<jösé@remote.test>\r\nMAIL FROM:<x@remote.test>\r\n"
+                    "RCPT TO:<jösé@example.org>\r\nRSET\r\nMAIL FROM:<jösé@remote.test> SMTPUTF8\r\n".encode())]
+
+    def run() -> list[bytes]:
+        with socket.create_connection(("127.0.0.1", node.ports["smtp"]), timeout=10) as sock:
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(script[0][1])
+            finals: list[bytes] = []
+            while len(finals) < 6:
+                line = f.readline()
+                if line[3:4] == b" " or not line:  # skip EHLO's keyword lines
+                    finals.append(line)
+            return finals
+
+    replies = await asyncio.to_thread(run)
+    assert replies[1].startswith(b"553 5.6.7"), replies  # MAIL without SMTPUTF8
+    assert replies[2].startswith(b"250 ")
+    assert replies[3].startswith(b"553 5.6.7"), replies  # RCPT without SMTPUTF8
+    assert replies[4].startswith(b"250 ") and replies[5].startswith(b"250 "), replies  # RSET; MAIL with it
+
+
+async def test_a_store_failure_at_rcpt_is_temporary_and_the_session_goes_on(
+    node: ServerState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage.kv.base import StoreUnavailable
+
+    storage_class = type(node.storage)
+    real = storage_class.accept_recipient
+    calls = 0
+
+    async def failing_once(self, address: str, size: int = 0):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StoreUnavailable("store down (test)")
+        return await real(self, address, size)
+
+    monkeypatch.setattr(storage_class, "accept_recipient", failing_once)
+
+    def run() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        with client(node) as s:
+            s.ehlo("client.test")
+            s.mail("x@remote.test")
+            first = s.rcpt("alice@example.org")
+            second = s.rcpt("alice@example.org")
+            return first, second
+
+    first, second = await asyncio.to_thread(run)
+    assert first[0] == 451 and first[1].startswith(b"4.3.0"), first
+    assert second[0] == 250
