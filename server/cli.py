@@ -218,6 +218,10 @@ def cmd_serve(args: argparse.Namespace, cfg: configmod.Config) -> int:
     if not listen:
         print("rookery: no listener enabled; set [listen] smtp/imap/http/... in the config", file=sys.stderr)
         return 2
+    if cfg.listen.cluster and not cfg.cluster.secret:
+        # Checked before anything starts (the node would refuse it too).
+        print("rookery: config: [cluster] secret is required when [listen] cluster is set", file=sys.stderr)
+        return 2
     data = f"--data {cfg.data_dir}" if not getattr(args, "config", None) else f"--config {args.config}"
     print(
         "Rookery node starting\n"

@@ -19,9 +19,13 @@ import copy
 import importlib.util
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -304,6 +308,82 @@ def test_dockerfile_runs_node_with_image_config_and_health_check(
     assert str(image_config.data_dir) == "/var/lib/rookery"
 
 
+# -- the image's config, served for real ------------------------------------------
+
+def image_env(tmp_path: Path, image_config: configmod.Config, **env: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ROOKERY_")}
+    clean.update(ROOKERY_SERVER_DATA_DIR=str(tmp_path / "data"), ROOKERY_SERVER_HOSTNAME="mx.test",
+                 ROOKERY_SERVER_SHUTDOWN_TIMEOUT="2")
+    for name, address in image_config.listen.items():
+        if address:
+            clean[f"ROOKERY_LISTEN_{name.upper()}"] = "127.0.0.1:0"
+    clean.update(env)
+    return clean
+
+
+def serve_image_config(tmp_path: Path, image_config: configmod.Config, **env: str) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+    """``rookery serve --config deploy/docker/rookery.toml`` as the image runs
+    it, with only ``ROOKERY_*`` variables moving its data directory to
+    ``tmp_path`` and its listeners (every one the file turns on) to loopback."""
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--config", str(IMAGE_TOML)],
+            cwd=ROOT, env=image_env(tmp_path, image_config, **env), stdout=subprocess.DEVNULL, stderr=out,
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = re.search(r"node ready .*ports=(\S+)", log.read_text(errors="replace"))
+        if m:
+            return proc, {k: int(v) for k, v in (i.split("=") for i in m.group(1).split(","))}, log
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    raise AssertionError(f"rookery serve with the image's config never got ready:\n{log.read_text(errors='replace')}")
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_image_config_serves_as_one_node(tmp_path: Path, image_config: configmod.Config) -> None:
+    proc, ports, log = serve_image_config(tmp_path, image_config)
+    try:
+        assert http_status(ports["http"], "/healthz/ready") == 200
+        enabled = {name for name, address in image_config.listen.items() if address}
+        assert set(ports) == enabled and "cluster" not in ports, ports
+        assert (tmp_path / "data").is_dir(), "the data directory comes from ROOKERY_SERVER_DATA_DIR"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(20)
+    assert code == 0, log.read_text(errors="replace")
+
+
+def test_image_config_with_the_cluster_turned_on_by_env(tmp_path: Path, image_config: configmod.Config) -> None:
+    """What docker-compose.yml adds: the listener and its secret."""
+    proc, ports, log = serve_image_config(
+        tmp_path, image_config, ROOKERY_LISTEN_CLUSTER="127.0.0.1:0", ROOKERY_CLUSTER_SECRET="s3cret",
+    )
+    try:
+        assert "cluster" in ports and http_status(ports["http"], "/healthz/ready") == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text(errors="replace")
+    # Without the secret the listener is refused with a config error, not a traceback.
+    result = run(
+        sys.executable, "-m", "server.cli", "serve", "--config", str(IMAGE_TOML), cwd=ROOT,
+        env=image_env(tmp_path, image_config, ROOKERY_LISTEN_CLUSTER="127.0.0.1:0"),
+    )
+    assert result.returncode == 2 and "[cluster] secret" in result.stderr and "Traceback" not in result.stderr
+
+
 # -- helper scripts --------------------------------------------------------------
 
 def load_healthcheck() -> Any:
@@ -496,12 +576,13 @@ def test_compose_nodes_share_cluster_file_and_secret(
     assert job_env["FDB_CLUSTER_FILE"] == f"{mounts(services['fdb-configure'])[shared]}/fdb.cluster"
 
     secrets = set()
-    cluster_port = port_of(image_config.listen.cluster)
     for name, svc in rookery_services.items():
         env = env_dict(svc["environment"])
         check_rookery_env_names(set(env))
         assert shared in mounts(svc), f"{name} does not mount the cluster file volume {shared}"
         cfg = load_config(IMAGE_TOML, env)
+        assert cfg.listen.cluster and cfg.cluster.secret, f"{name}: the peer channel needs a listener and the secret"
+        cluster_port = port_of(cfg.listen.cluster)
         assert cfg.store.backend == "foundationdb", name
         assert cfg.store.cluster_file == f"{mounts(svc)[shared]}/fdb.cluster", name
         secrets.add(env["ROOKERY_CLUSTER_SECRET"])
