@@ -194,6 +194,20 @@ async def _with_storage(cfg: configmod.Config, fn: Callable[[Storage], Awaitable
         await storage.close()
 
 
+async def _hint(s: Storage, cfg: configmod.Config, msg_type: str, **payload: Any) -> None:
+    """After a change in the store: tell the live nodes sooner than they would
+    notice (only with a ``[cluster] secret``; a hint, failures ignored)."""
+    from storage.nodes import Nodes
+
+    from .cluster.status import hint_nodes
+
+    await hint_nodes(Nodes(s.db), cfg.cluster.secret, msg_type, **payload)
+
+
+async def _invalidate(s: Storage, cfg: configmod.Config, scope: str = "directory") -> None:
+    await _hint(s, cfg, "invalidate", scope=scope)
+
+
 # -- commands ------------------------------------------------------------------
 
 async def _serve(node: Node) -> None:
@@ -254,6 +268,7 @@ def cmd_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
 def cmd_domain_add(args: argparse.Namespace, cfg: configmod.Config) -> int:
     async def fn(s: Storage) -> None:
         print(f"added domain {await s.directory.add_domain(args.name)}")
+        await _invalidate(s, cfg)
 
     return asyncio.run(_with_storage(cfg, fn))
 
@@ -270,6 +285,7 @@ def cmd_domain_remove(args: argparse.Namespace, cfg: configmod.Config) -> int:
     async def fn(s: Storage) -> None:
         await s.directory.remove_domain(args.name)
         print(f"removed domain {args.name}")
+        await _invalidate(s, cfg)
 
     return asyncio.run(_with_storage(cfg, fn))
 
@@ -281,6 +297,7 @@ def cmd_account_add(args: argparse.Namespace, cfg: configmod.Config) -> int:
     async def fn(s: Storage) -> None:
         account = await s.directory.add_account(args.email, password, quota or cfg.limits.default_quota)
         print(f"added account {account.email} (id {account.id})")
+        await _invalidate(s, cfg)
 
     return asyncio.run(_with_storage(cfg, fn))
 
@@ -291,6 +308,7 @@ def cmd_account_passwd(args: argparse.Namespace, cfg: configmod.Config) -> int:
     async def fn(s: Storage) -> None:
         await s.directory.set_password(args.email, password)
         print(f"password changed for {args.email}")
+        await _invalidate(s, cfg, f"credentials:{args.email}")
 
     return asyncio.run(_with_storage(cfg, fn))
 
@@ -311,6 +329,7 @@ def cmd_account_remove(args: argparse.Namespace, cfg: configmod.Config) -> int:
     async def fn(s: Storage) -> None:
         await s.remove_account(args.email)
         print(f"removed account {args.email}")
+        await _invalidate(s, cfg)
 
     return asyncio.run(_with_storage(cfg, fn))
 
@@ -322,6 +341,7 @@ def cmd_alias_add(args: argparse.Namespace, cfg: configmod.Config) -> int:
         else:
             await s.directory.add_alias(args.alias, args.target)
         print(f"added alias {args.alias} -> {args.target}")
+        await _invalidate(s, cfg)
 
     return asyncio.run(_with_storage(cfg, fn))
 
@@ -341,6 +361,7 @@ def cmd_alias_remove(args: argparse.Namespace, cfg: configmod.Config) -> int:
         else:
             await s.directory.remove_alias(args.alias)
         print(f"removed alias {args.alias}")
+        await _invalidate(s, cfg)
 
     return asyncio.run(_with_storage(cfg, fn))
 
@@ -377,6 +398,7 @@ def cmd_queue_retry(args: argparse.Namespace, cfg: configmod.Config) -> int:
     async def fn(s: Storage) -> None:
         n = await _queue(s, cfg).retry(None if args.all else args.id)
         print(f"{n} message(s) due now")
+        await _hint(s, cfg, "queue_refresh")
 
     return asyncio.run(_with_storage(cfg, fn))
 
@@ -401,6 +423,7 @@ def cmd_queue_resume(args: argparse.Namespace, cfg: configmod.Config) -> int:
     async def fn(s: Storage) -> None:
         await _queue(s, cfg).resume(args.domain)
         print(f"resumed {args.domain or 'all delivery'}")
+        await _hint(s, cfg, "queue_refresh")
 
     return asyncio.run(_with_storage(cfg, fn))
 

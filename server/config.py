@@ -115,6 +115,9 @@ SCHEMA: tuple[Option, ...] = (
     Option("cluster", "background", _bool, True, "Take part in one-node-at-a-time work (blob purge, node reaping)."),
     Option("cluster", "heartbeat", _float, 1.0, "Seconds between heartbeats on the peer channel and lease renewals."),
     Option("cluster", "timeout", _float, 5.0, "Seconds without a heartbeat before a peer counts as gone; node lease lifetime."),
+    Option("cluster", "directory_check", _float, 2.0,
+           "Seconds between reads of the store's directory version; cached directory answers (RCPT) are dropped "
+           "when it moved. A peer's invalidate drops them sooner."),
     Option("queue", "worker", _bool, True, "Deliver queued mail from this node (false: it only queues; another node delivers)."),
     Option("queue", "retry_min", _float, 300.0, "Seconds before the first retry; the delay doubles each attempt."),
     Option("queue", "retry_max", _float, 3600.0, "Longest delay between retries."),

@@ -116,6 +116,23 @@ def open_storage(config: Config) -> Storage:
     )
 
 
+async def stop_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def watch_directory(storage: Storage, interval: float) -> None:
+    """Check the node's directory caches against the store every ``interval``
+    seconds: a lost ``invalidate`` hint costs at most that long (principle 1)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await storage.check_directory()
+        except Exception:
+            log.warning("directory version check failed", exc_info=True)
+
+
 class _Listener(Protocol):
     async def start(self, host: str, port: int) -> int: ...
 
@@ -264,6 +281,11 @@ class Node:
             storage.mail.on_change(state.hub.publish)
             state.hub.start_watch(storage.mail.last_changes)
             stack.push_async_callback(state.hub.stop_watch)
+            await state.storage.check_directory()
+            watch = asyncio.create_task(
+                watch_directory(state.storage, self.config.cluster.directory_check), name="directory-watch"
+            )
+            stack.push_async_callback(stop_task, watch)
             self.services = self.build_services(state)
             state.metric_sources.append(lambda: connection_samples(self.services))
             self.cluster = await self.start_cluster(state, stack)
@@ -315,6 +337,7 @@ class Node:
             load=lambda: (self.open_connections(), self.outbound.held), on_drain=self.request_stop,
         )
         cluster.subscribe("queue_refresh", lambda msg: self.outbound.refresh())
+        cluster.subscribe("invalidate", lambda msg: state.storage.invalidate(msg["scope"]))
         await cluster.start()
         stack.push_async_callback(cluster.stop)
         state.storage.mail.on_change(cluster.local_change)

@@ -51,6 +51,10 @@ class RecipientCache:
     ttl: float = RECIPIENT_CACHE_TTL
     size: int = RECIPIENT_CACHE_SIZE
     entries: dict[str, tuple[LocalRecipient, float]] = field(default_factory=dict)
+    #: Answers read at an older directory version than this are not kept: an
+    #: RCPT whose read began before a change must not refill the cache with
+    #: what the change just invalidated.
+    floor: int = 0
 
     def get(self, address: str) -> LocalRecipient | None:
         hit = self.entries.get(address)
@@ -62,12 +66,25 @@ class RecipientCache:
         return hit[0]
 
     def put(self, recipient: LocalRecipient) -> None:
+        if recipient.version < self.floor:
+            return
         if len(self.entries) >= self.size:
             self.entries.clear()
         self.entries[recipient.address] = (recipient, time.monotonic() + self.ttl)
 
     def clear(self) -> None:
         self.entries.clear()
+
+    def expire_before(self, version: int) -> bool:
+        """The directory is at ``version`` now (read from the store): drop
+        answers read before it, and refuse them from now on. True if
+        ``version`` is newer than any seen before."""
+        if version <= self.floor:
+            return False
+        self.floor = version
+        for address in [a for a, (r, _) in self.entries.items() if r.version < version]:
+            del self.entries[address]
+        return True
 
 
 @dataclass(slots=True)
@@ -78,6 +95,9 @@ class Storage:
     directory: Directory
     mail: MailStore
     recipients: RecipientCache = field(default_factory=RecipientCache)
+    #: The directory version this node's caches were last checked against
+    #: (:meth:`check_directory`); ``None`` before the first check.
+    directory_version: int | None = None
 
     @classmethod
     def open(
@@ -151,6 +171,29 @@ class Storage:
         finally:
             if stale[0]:
                 self.recipients.clear()
+
+    def invalidate(self, scope: str = "directory") -> None:
+        """Drop this node's cached directory answers (a peer's ``invalidate``
+        hint). ``scope``: ``recipients`` (RCPT answers), ``credentials`` or
+        ``credentials:ADDRESS`` (verified passwords), anything else all."""
+        kind = scope.partition(":")[0]
+        if kind != "credentials":
+            self.recipients.clear()
+        if kind != "recipients":
+            self.directory.forget_credentials()
+
+    async def check_directory(self) -> bool:
+        """Read the store's directory version; if it moved since the last
+        check, drop the caches (the store-truth fallback for a lost
+        ``invalidate``). True when it moved (False at the first check,
+        which only drops RCPT answers older than the version it reads)."""
+        version = decode_counter(await self.db.read(lambda tr: tr.get(keys.DIRECTORY_VERSION)))
+        self.recipients.expire_before(version)
+        previous, self.directory_version = self.directory_version, version
+        if previous is None or version == previous:
+            return False
+        self.directory.forget_credentials()
+        return True
 
     async def remove_account(self, email: str) -> None:
         """Remove an account and all its mail: messages first, in chunked

@@ -146,6 +146,11 @@ class Directory:
         self._verified: dict[int, tuple[str, bytes]] = {}
         self._secret = os.urandom(32)
 
+    def forget_credentials(self) -> None:
+        """Drop the verified-password cache (it checks itself against the
+        stored hash anyway; this frees what a directory change made stale)."""
+        self._verified.clear()
+
     # -- domains ------------------------------------------------------------
 
     async def add_domain(self, name: str) -> str:

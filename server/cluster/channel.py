@@ -16,7 +16,10 @@ random hex, "type": ..., ...payload}``. A frame longer than
 :data:`MAX_FRAME` or with a bad MAC closes the connection; a body that is
 not a valid message, a ``ts`` more than ``window`` seconds away from our
 clock, or a ``(from, nonce)`` already seen within the window is dropped.
-Every drop is counted in :attr:`PeerChannel.metrics`.
+Every drop is counted in :attr:`PeerChannel.metrics`. A body with
+``"oneshot": true`` comes from a sender outside the cluster (the admin CLI,
+:func:`send_once`): it is delivered like any other but its sender is not
+taken for a member.
 
 Sending never blocks the caller: each peer has a bounded queue (the oldest
 frame goes when it is full) and one writer task that connects, reconnects
@@ -240,6 +243,8 @@ def validate(msg: Any) -> dict[str, Any]:
     elif kind == "state" or "state" in msg:
         if msg.get("state") not in STATES:
             raise bad(f"bad state {msg.get('state')!r}")
+    if "oneshot" in msg and (msg["oneshot"] is not True or kind in ("heartbeat", "hello", "state")):
+        raise bad("bad oneshot")
     gossip = msg.get("peers", [])
     if not isinstance(gossip, list) or len(gossip) > MAX_GOSSIP or not all(_short_str(a, _MAX_ADDR) for a in gossip):
         raise bad("bad peer list")
@@ -636,7 +641,9 @@ class PeerChannel:
         if msg["from"] == self.node_id:
             return True
         self.metrics["received"] += 1
-        self._note_member(msg)
+        if not msg.get("oneshot"):
+            # A one-shot sender (the admin CLI) is not a node: not a member.
+            self._note_member(msg)
         if msg["type"] not in ("heartbeat", "hello") and self.on_message is not None:
             try:
                 self.on_message(msg)
@@ -763,6 +770,54 @@ class PeerChannel:
             peer.dns = peer.address in found
         for address in found:
             self._add_peer(address).dns = True
+
+
+async def send_once(
+    secret: bytes | str, addresses: Iterable[str], msg_type: str, *, timeout: float = 2.0, **payload: Any
+) -> int:
+    """Send one message to each of ``addresses`` from outside the cluster (the
+    admin CLI after it changed the store), and return how many took it.
+
+    The sender is no member: its frames say ``"oneshot": true``, so the
+    receivers do not add it to their membership. Each connection reads the
+    listener's ``hello`` first and sends only if it carries our secret's MAC
+    (a listener of another cluster gets nothing). Failures are ignored: the
+    message is a hint, the store already holds the truth.
+    """
+    key = secret.encode() if isinstance(secret, str) else bytes(secret)
+    sender = f"oneshot-{secrets.token_hex(6)}"
+
+    async def one(address: str) -> bool:
+        try:
+            host, port = split_address(address)
+            reader, writer = await asyncio.open_connection(host, port)
+        except (OSError, ValueError):
+            return False
+        try:
+            frame = await read_frame(reader)
+            if frame is None:
+                return False
+            mac, body = frame[:MAC_SIZE], frame[MAC_SIZE:]
+            if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
+                return False
+            writer.write(seal(key, make_body(sender, "", msg_type, oneshot=True, **payload)))
+            await writer.drain()
+            return True
+        except (OSError, asyncio.IncompleteReadError, _Drop):
+            return False
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def bounded(address: str) -> bool:
+        try:
+            return await asyncio.wait_for(one(address), timeout)
+        except TimeoutError:
+            return False
+
+    results = await asyncio.gather(*(bounded(a) for a in dict.fromkeys(addresses)))
+    return sum(results)
 
 
 def _peername(writer: asyncio.StreamWriter) -> str:

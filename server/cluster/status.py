@@ -1,15 +1,26 @@
 """What ``rookery cluster status`` and ``rookery node drain`` do, over the store.
 
 Both read or write node records (:mod:`storage.nodes`) directly, so they work
-from any machine that can open the store, with no node's help.
+from any machine that can open the store, with no node's help. The other
+admin commands change the store the same way, then :func:`hint_nodes` tells
+the live nodes so (a hint: the nodes also notice by themselves).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+from typing import Any
 
 from storage.nodes import NodeRecord, Nodes, status_fields
+
+from .channel import send_once
+
+log = logging.getLogger("rookery.cluster")
+
+#: Seconds the admin CLI gives each node to take a hint.
+HINT_TIMEOUT = 2.0
 
 _STATE_ORDER = {"ready": 0, "joining": 1, "draining": 2, "gone": 3}
 
@@ -86,3 +97,19 @@ async def drain_node(nodes: Nodes, ref: str | None, local_address: str | None = 
     if updated is None:
         raise LookupError(f"node {target.id} vanished")
     return updated
+
+
+async def hint_nodes(nodes: Nodes, secret: str, msg_type: str, **payload: Any) -> int:
+    """Best effort: tell every live node in the store's records ``msg_type``
+    (``invalidate`` after a directory change, ``queue_refresh`` after a queue
+    change), as a one-shot sender. Returns how many took it; never raises
+    (the change is in the store already; nodes find it there anyway)."""
+    if not secret:
+        return 0
+    try:
+        records = await nodes.list()
+        addresses = [r.address for r in records if r.state != "gone" and r.address]
+        return await send_once(secret, addresses, msg_type, timeout=HINT_TIMEOUT, **payload)
+    except Exception:
+        log.debug("cluster hint %s not sent", msg_type, exc_info=True)
+        return 0

@@ -78,10 +78,11 @@ def start_cluster(
     secrets: tuple[str, ...] = (SECRET, SECRET, SECRET),
     first: int | None = None,
     mesh: bool = True,
+    extra: dict[str, str] | None = None,
 ) -> tuple[Path, list[NodeProcess]]:
     """A store with alice, and three nodes on it. ``first``: start that node
     alone before the others (it takes the singleton leases). ``mesh``: wait
-    until every node hears from the two others."""
+    until every node hears from the two others. ``extra``: more ``--set`` options."""
     data = tmp_path / "data"
     in_store(data, lambda s: make_account(s, USER, PASSWORD))
     # Made once up front: nodes starting at the same instant on one data
@@ -99,6 +100,7 @@ def start_cluster(
             "cluster.timeout": "1.0",
             "imap.poll_interval": str(poll),
             "security.failed_login_delay": "0.05",
+            **(extra or {}),
         }
         return [a for k, v in options.items() for a in ("--set", f"{k}={v}")]
 
@@ -330,6 +332,62 @@ def test_password_change_takes_effect_on_every_node(tmp_path: Path, node_process
     for n in trio:
         assert not can_login(n, PASSWORD)
         assert can_login(n, "new-pw")
+
+
+ALIAS = "info@example.org"
+
+
+def rcpt(node: NodeProcess, address: str) -> int:
+    """The reply code RCPT TO gets on ``node``."""
+    with smtplib.SMTP("127.0.0.1", node.ports["smtp"], timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("bob@remote.test")
+        code, _ = s.rcpt(address)
+        return int(code)
+
+
+def test_cli_directory_changes_reach_every_node_by_the_channel(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    """The store check runs every 30 s here and RCPT answers live 30 s: only
+    the CLI's invalidate explains a refusal within a second or two."""
+    data, trio = start_cluster(tmp_path, node_processes, extra={"cluster.directory_check": "30"})
+    hint = ("--set", f"cluster.secret={SECRET}")
+    rookery("alias", "add", ALIAS, USER, *hint, data=data)
+    rookery("account", "add", "bob@example.org", "--password-stdin", *hint, data=data, stdin="pw\n")
+    # Each node answers (and caches) both.
+    assert all(rcpt(n, a) == 250 for n in trio for a in (ALIAS, "bob@example.org"))
+    for command in (("alias", "remove", ALIAS), ("account", "remove", "bob@example.org")):
+        start = time.monotonic()
+        rookery(*command, *hint, data=data)
+        address = command[2]
+        until(lambda address=address: all(rcpt(n, address) >= 500 for n in trio), 2.0, f"{address} refused")
+        took = time.monotonic() - start
+        assert took < 2.0 + 1.0, took  # a CLI process start included
+        print(f"{' '.join(command[:2])}: refused on every node {took * 1000:.0f} ms after the command began")
+    assert rcpt(trio[1], USER) == 250
+    # The CLI sent as a one-shot sender: no node took it for a member.
+    assert all(metrics(n)["rookery_peer_members_alive"] == 2 for n in trio)
+    assert all(metrics(n)["rookery_peer_dropped_auth_total"] == 0 for n in trio)
+
+
+def test_cli_directory_changes_reach_a_cut_off_node_through_the_store(
+    tmp_path: Path, node_processes: list[NodeProcess]
+) -> None:
+    # Node 2 has the wrong secret: the CLI's hint cannot reach it.
+    data, (one, two, three) = start_cluster(
+        tmp_path, node_processes, secrets=(SECRET, "not-the-secret", SECRET), mesh=False,
+        extra={"cluster.directory_check": "1.0"},
+    )
+    rookery("alias", "add", ALIAS, USER, data=data)
+    assert rcpt(two, ALIAS) == 250 and rcpt(one, ALIAS) == 250
+    start = time.monotonic()
+    rookery("alias", "remove", ALIAS, "--set", f"cluster.secret={SECRET}", data=data)
+    until(lambda: rcpt(two, ALIAS) >= 500, 1.0 + 2.0, "node 2 to refuse the removed alias")
+    took = time.monotonic() - start
+    # Within the check interval (plus the CLI's start), far below the 30 s TTL.
+    assert took < 1.0 + 2.0, took
+    assert rcpt(one, ALIAS) >= 500 and rcpt(three, ALIAS) >= 500
+    assert metrics(two)["rookery_peer_received_total"] == 0, "node 2 must not have heard anyone"
+    print(f"alias remove: refused on the cut-off node {took * 1000:.0f} ms after the command began")
 
 
 def test_killed_node_leaves_the_others_serving_and_its_leases_move(tmp_path: Path, node_processes: list[NodeProcess]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +18,7 @@ import pytest
 
 from protocols.push import PushHub
 from server.cluster import ClusterService, LeaseWorker, PeerChannel
-from server.cluster.channel import MAX_FRAME, make_body, seal, split_address
+from server.cluster.channel import MAX_FRAME, make_body, seal, send_once, split_address, validate
 from server.cluster.status import drain_node, find_node, format_status, status_json
 from storage.kv import Database, open_database
 from storage.nodes import Nodes
@@ -448,3 +449,28 @@ async def test_lease_worker_runs_on_one_node_and_fails_over(db: Database) -> Non
     # A clean stop hands the lease over at once.
     await b.stop()
     assert await nodes.lease("purge") is None
+
+
+async def test_one_shot_sender_reaches_listeners_of_its_cluster_only() -> None:
+    """The admin CLI's hint: delivered, but its sender is no member; a
+    listener with another secret gets nothing; a dead address costs only
+    its timeout."""
+    a, ia = make("node-a")
+    b, ib = make("node-b", [])
+    other, io = make("node-x", [], secret=b"another cluster")
+    async with running(a, b, other):
+        with socket.socket() as probe:
+            probe.bind((HOST, 0))
+            dead = f"{HOST}:{probe.getsockname()[1]}"  # nothing listens there once closed
+        took = time.monotonic()
+        n = await send_once(SECRET, [a.address, b.address, other.address, dead, a.address], "invalidate",
+                            scope="directory", timeout=1.0)
+        took = time.monotonic() - took
+        assert n == 2 and took < 1.5
+        await until(lambda: bool(ia.of("invalidate")) and bool(ib.of("invalidate")), what="the hint")
+        assert ia.of("invalidate")[0]["scope"] == "directory" and len(ia.of("invalidate")) == 1
+        assert io.messages == [] and other.metrics["dropped_auth"] == 0  # not even sent
+        assert a.members() == [] and b.members() == []
+    # A one-shot sender cannot pose as a member's heartbeat.
+    with pytest.raises(Exception, match="oneshot"):
+        validate(make_body("x", "", "heartbeat", oneshot=True))

@@ -91,3 +91,35 @@ async def test_failed_login_table_stays_bounded(storage: Storage, monkeypatch: p
         with pytest.raises(AuthenticationFailed):
             await storage.directory.login("alice@example.org", "wrong", f"10.1.0.{i}")
     assert len(storage.directory._failures) <= 5
+
+
+async def test_directory_caches_follow_the_store_version(storage: Storage) -> None:
+    """``check_directory`` (the node's periodic store check) drops RCPT
+    answers read before a directory change, and keeps an answer whose read
+    began before the change from refilling the cache after it."""
+    await make_account(storage, "alice@example.org")
+    await storage.directory.add_alias("info@example.org", "alice@example.org")
+    assert await storage.check_directory() is False  # first look: nothing to drop
+    early = await storage.accept_recipient("info@example.org")
+    assert storage.recipients.get("info@example.org") == early
+    assert await storage.check_directory() is False  # unchanged: kept
+    assert storage.recipients.get("info@example.org") == early
+
+    await storage.directory.remove_alias("info@example.org")
+    assert await storage.check_directory() is True
+    assert storage.recipients.get("info@example.org") is None
+    storage.recipients.put(early)  # an RCPT that read before the change, answering late
+    assert storage.recipients.get("info@example.org") is None
+    with pytest.raises(UnknownUser):
+        await storage.accept_recipient("info@example.org")
+
+
+async def test_invalidate_scopes(storage: Storage) -> None:
+    await make_account(storage, "alice@example.org")
+    await storage.directory.login("alice@example.org", "secret", "192.0.2.1")
+    await storage.accept_recipient("alice@example.org")
+    storage.invalidate("credentials:alice@example.org")
+    assert storage.recipients.get("alice@example.org") is not None and not storage.directory._verified
+    await storage.directory.login("alice@example.org", "secret", "192.0.2.1")
+    storage.invalidate("directory")
+    assert storage.recipients.get("alice@example.org") is None and not storage.directory._verified
