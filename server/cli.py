@@ -146,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="one node of the cluster").add_subparsers(dest="action", required=True)
     p = node.add_parser("drain", parents=[common], help="ask a node (id, id prefix or address) to drain and leave")
-    p.add_argument("node", nargs="?", help="default: the node of this config's cluster address, or the only live one")
+    p.add_argument(
+        "node", nargs="?",
+        help="default: this machine's node (by its advertised cluster address or host name), or the only live one",
+    )
     p.set_defaults(handler=cmd_node_drain)
 
     mail = sub.add_parser("mail", help="inspect stored mail").add_subparsers(dest="action", required=True)
@@ -490,11 +493,12 @@ def cmd_cluster_status(args: argparse.Namespace, cfg: configmod.Config) -> int:
 def cmd_node_drain(args: argparse.Namespace, cfg: configmod.Config) -> int:
     from storage.nodes import Nodes
 
-    from .cluster.status import drain_node
+    from .cluster.status import drain_node, local_addresses
 
     async def fn(s: Storage) -> int:
         try:
-            record = await drain_node(Nodes(s.db), args.node, cfg.cluster.advertise or cfg.listen.cluster or None)
+            local, hosts = local_addresses(cfg.cluster.advertise, cfg.listen.cluster, cfg.hostname)
+            record = await drain_node(Nodes(s.db), args.node, local, hosts)
         except LookupError as exc:
             print(f"rookery: {exc}", file=sys.stderr)
             return 1

@@ -148,14 +148,15 @@ def normalize_address(value: str) -> str:
     return join_address(*split_address(value))
 
 
-_WILDCARDS = ("", "0.0.0.0", "::", "*")
+#: Listen hosts meaning "every interface": other nodes need a real name.
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")
 
 
 def advertised_address(listen_host: str, port: int, hostname: str | None = None) -> str:
     """The address other nodes reach us at when none is configured: the
     listen host, or ``hostname`` (default: this machine's) for a wildcard."""
     host = listen_host
-    if host in _WILDCARDS:
+    if host in WILDCARD_HOSTS:
         host = hostname or socket.gethostname()
     return join_address(host, port)
 

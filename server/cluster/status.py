@@ -8,14 +8,17 @@ the live nodes so (a hint: the nodes also notice by themselves).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from storage.nodes import NodeRecord, Nodes, status_fields
 
-from .channel import send_once
+from .channel import WILDCARD_HOSTS, join_address, normalize_address, send_once, split_address
 
 log = logging.getLogger("rookery.cluster")
 
@@ -78,25 +81,69 @@ def find_node(records: list[NodeRecord], ref: str) -> NodeRecord:
     raise LookupError(f"{ref!r} names {len(matches)} nodes: " + ", ".join(r.id for r in matches))
 
 
-async def drain_node(nodes: Nodes, ref: str | None, local_address: str | None = None) -> NodeRecord:
-    """Ask a node to drain. ``ref`` as :func:`find_node`; without it, the node
-    at ``local_address`` (this machine's advertised cluster address), or the
-    only live node. Raises ``LookupError``."""
+def local_addresses(advertise: str, listen: str, hostname: str) -> tuple[list[str], list[str]]:
+    """Where this machine's node would be found in the node records, from the
+    config a command reads: ``(addresses, host names)``.
+
+    The addresses are what the node advertises: ``[cluster] advertise``, or
+    the ``[listen] cluster`` address with a wildcard host replaced the way
+    the channel does (by ``hostname``, the config's host name) and by this
+    machine's names. The host names match a record at any port."""
+    names = list(dict.fromkeys(n for n in (hostname, socket.gethostname(), socket.getfqdn()) if n))
+    addresses: list[str] = []
+    if advertise:
+        with contextlib.suppress(ValueError):
+            addresses.append(normalize_address(advertise))
+    if listen:
+        host, _, port_text = listen.rpartition(":")
+        # As the node binds it (server.node.split_hostport): no host is loopback.
+        host = host.strip("[]") or "127.0.0.1"
+        if port_text.isdigit():
+            port = int(port_text)
+            if host in WILDCARD_HOSTS:
+                addresses += [join_address(name, port) for name in names]
+            else:
+                addresses.append(join_address(host, port))
+    return list(dict.fromkeys(addresses)), names
+
+
+async def drain_node(
+    nodes: Nodes, ref: str | None, local: Sequence[str] = (), hosts: Sequence[str] = ()
+) -> NodeRecord:
+    """Ask a node to drain. ``ref`` as :func:`find_node`. Without it, this
+    machine's node: the live node at one of the ``local`` addresses, else the
+    one live node on one of the ``hosts`` names, else the only live node
+    (see :func:`local_addresses`). Raises ``LookupError``."""
     records = await nodes.list()
     if ref is None:
-        live = [r for r in records if r.state != "gone"]
-        if local_address:
-            target = find_node(records, local_address)
-        elif len(live) == 1:
-            target = live[0]
-        else:
-            raise LookupError(f"{len(live)} live nodes: name the one to drain")
+        target = _local_node([r for r in records if r.state != "gone"], local, hosts)
     else:
         target = find_node(records, ref)
     updated = await nodes.request_drain(target.id)
     if updated is None:
         raise LookupError(f"node {target.id} vanished")
     return updated
+
+
+def _local_node(live: list[NodeRecord], local: Sequence[str], hosts: Sequence[str]) -> NodeRecord:
+    for address in local:
+        at = [r for r in live if r.address == address]
+        if len(at) == 1:
+            return at[0]
+    on_host = [r for r in live if _host(r.address) in hosts]
+    if len(on_host) == 1:
+        return on_host[0]
+    if len(live) == 1:
+        return live[0]
+    where = ", ".join(local) or "this host"
+    raise LookupError(f"{len(live)} live nodes, none at {where}: name the one to drain")
+
+
+def _host(address: str) -> str:
+    try:
+        return split_address(address)[0]
+    except ValueError:
+        return ""
 
 
 async def hint_nodes(nodes: Nodes, secret: str, msg_type: str, **payload: Any) -> int:

@@ -559,3 +559,29 @@ def test_drain_and_sigterm_say_bye_and_lose_nothing(tmp_path: Path, node_process
     with imap(one) as c:
         assert len(c.search("ALL")) == len(subjects(data))
     print(f"drain: {len(acked)} messages accepted before, exit {exit_after:.1f} s after the request")
+
+
+def cluster_port(node: NodeProcess) -> int:
+    m = re.search(r"peer channel started .*address=127\.0\.0\.1:(\d+)", node.output())
+    assert m, node.output()
+    return int(m.group(1))
+
+
+def test_node_drain_without_a_name_drains_this_machines_node(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    """As in a container: the CLI's config listens on a wildcard, the record
+    holds the advertised address (here the host name is the loopback address)."""
+    data, (one, two, three) = start_cluster(tmp_path, node_processes)
+    ids = [node_id(n) for n in (one, two, three)]
+    wildcard = ("--set", f"listen.cluster=0.0.0.0:{cluster_port(two)}", "--set", "server.hostname=127.0.0.1")
+    out = rookery("node", "drain", *wildcard, data=data).stdout
+    assert ids[1] in out
+    assert two.proc.wait(3 + 5) == 0
+    assert {i: status(data)[i]["state"] for i in ids} == {ids[0]: "ready", ids[1]: "gone", ids[2]: "ready"}
+    # Two live nodes and this config names neither: refused, nothing drained.
+    refused = rookery("node", "drain", "--set", "listen.cluster=0.0.0.0:9", data=data, check=False)
+    assert refused.returncode == 1 and "2 live nodes" in refused.stderr
+    assert not any(r["drain_requested"] for i, r in status(data).items() if i != ids[1])
+    # One live node left: it is the one, whatever the config says.
+    assert three.terminate() == 0
+    assert ids[0] in rookery("node", "drain", data=data).stdout
+    assert one.proc.wait(3 + 5) == 0

@@ -19,9 +19,9 @@ import pytest
 from protocols.push import PushHub
 from server.cluster import ClusterService, LeaseWorker, PeerChannel
 from server.cluster.channel import MAX_FRAME, make_body, seal, send_once, split_address, validate
-from server.cluster.status import drain_node, find_node, format_status, status_json
+from server.cluster.status import drain_node, find_node, format_status, local_addresses, status_json
 from storage.kv import Database, open_database
-from storage.nodes import Nodes
+from storage.nodes import NodeRecord, Nodes
 
 SECRET = b"s3cret cluster key"
 HOST = "127.0.0.1"
@@ -474,3 +474,29 @@ async def test_one_shot_sender_reaches_listeners_of_its_cluster_only() -> None:
     # A one-shot sender cannot pose as a member's heartbeat.
     with pytest.raises(Exception, match="oneshot"):
         validate(make_body("x", "", "heartbeat", oneshot=True))
+
+
+async def test_drain_without_a_name_finds_this_machines_node(db: Database) -> None:
+    """``rookery node drain`` in a container: the config says ``[listen]
+    cluster = 0.0.0.0:7946``, the records hold what each node advertised."""
+    nodes = Nodes(db)
+    now = time.time()
+    for node_id, address in (("n1", "rookery1:7946"), ("n2", "rookery2:7946"), ("n3", "10.0.0.3:7946")):
+        await nodes.claim(NodeRecord(node_id, address, "ready", now, now, now + 60))
+    await nodes.claim(NodeRecord("old", "rookery2:7946", "gone", now - 99, now - 99, now - 90))
+
+    local, hosts = local_addresses("", "0.0.0.0:7946", "rookery2")
+    assert local[0] == "rookery2:7946" and hosts[0] == "rookery2"
+    assert (await drain_node(nodes, None, local, hosts)).id == "n2"
+    # Advertised address first (Kubernetes: the pod IP), whatever the host name.
+    local, hosts = local_addresses("10.0.0.3:7946", "0.0.0.0:7946", "rookery-7d9f")
+    assert (await drain_node(nodes, None, local, hosts)).id == "n3"
+    # No cluster listener in this config: the host name alone, at any port.
+    local, hosts = local_addresses("", "", "rookery1")
+    assert local == [] and (await drain_node(nodes, None, local, hosts)).id == "n1"
+    # A specific listen host is the address itself.
+    assert local_addresses("", "10.0.0.3:7946", "x")[0] == ["10.0.0.3:7946"]
+    assert local_addresses("", ":7946", "x")[0] == ["127.0.0.1:7946"]
+    # Nothing matches and three nodes live: refuse rather than guess.
+    with pytest.raises(LookupError, match="3 live nodes"):
+        await drain_node(nodes, None, *local_addresses("", "0.0.0.0:7946", "elsewhere.invalid"))
