@@ -11,13 +11,16 @@ explain a push that arrives within a second or two.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import re
 import smtplib
 import socket
 import struct
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -585,3 +588,57 @@ def test_node_drain_without_a_name_drains_this_machines_node(tmp_path: Path, nod
     assert three.terminate() == 0
     assert ids[0] in rookery("node", "drain", data=data).stdout
     assert one.proc.wait(3 + 5) == 0
+
+
+def probe(node: NodeProcess, path: str) -> tuple[int, dict[str, Any]] | None:
+    """``GET path`` on the node's HTTP listener: status and JSON body (empty
+    when not JSON), or ``None`` when nothing answers."""
+    url = f"http://127.0.0.1:{node.ports['http']}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            status_code, raw = r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        status_code, raw = exc.code, exc.read()
+    except OSError:
+        return None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {}
+    return status_code, body if isinstance(body, dict) else {}
+
+
+@pytest.mark.parametrize("how", ["sigterm", "node drain"])
+def test_draining_node_is_not_ready_but_live_until_it_exits(
+    tmp_path: Path, node_processes: list[NodeProcess], how: str
+) -> None:
+    data = tmp_path / "data"
+    in_store(data, lambda s: make_account(s, USER, PASSWORD))
+    node = NodeProcess(data, ("smtp", "http"))
+    node_processes.append(node)
+    first = probe(node, "/healthz/ready")
+    assert first is not None and first[0] == 200 and first[1]["phase"] == "ready"
+    with smtplib.SMTP("127.0.0.1", node.ports["smtp"], timeout=10) as smtp:
+        # A transaction in progress holds the drain for shutdown_timeout (3 s).
+        smtp.ehlo("client.test")
+        smtp.mail("bob@remote.test")
+        assert smtp.rcpt(USER)[0] == 250
+        if how == "sigterm":
+            node.proc.send_signal(signal.SIGTERM)
+        else:
+            assert "drain requested" in rookery("node", "drain", data=data).stdout
+        # The node sees an operator's drain at its next record renewal.
+        ready = until(lambda: (lambda r: r if r and r[0] == 503 else None)(probe(node, "/healthz/ready")), 5, "503")
+        assert ready[1]["phase"] == "draining" and ready[1]["ready"] is False
+        not_ready_at = time.monotonic()
+        answers = []
+        while (answer := probe(node, "/healthz/live")) is not None:
+            answers.append((time.monotonic(), answer[0]))
+            assert probe(node, "/healthz/ready") in (None, ready)
+            time.sleep(0.05)
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            smtp.quit()
+    assert node.proc.wait(10) == 0
+    assert {code for _, code in answers} == {200}
+    # Live answered through the drain, not only at its start.
+    assert answers[-1][0] - not_ready_at > 2.0, answers[-1][0] - not_ready_at
