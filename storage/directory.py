@@ -16,7 +16,6 @@ import json
 import os
 import re
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,9 +30,13 @@ MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 #: Dovecot's ``recipient_delimiter`` default: user+tag@example.com reaches user.
 RECIPIENT_DELIMITER = "+"
+#: Failed logins count per client address over this many seconds, in steps
+#: of FAILED_LOGIN_STEP seconds (the window is FAILED_LOGIN_WINDOW plus the
+#: part of the current step gone by). The counters live in the store, so
+#: every node sees every node's failures.
 FAILED_LOGIN_WINDOW = 300.0
-#: Client addresses whose failed logins are remembered at once (per node).
-MAX_TRACKED_CLIENTS = 100_000
+FAILED_LOGIN_STEP = 60.0
+_STEPS = int(FAILED_LOGIN_WINDOW // FAILED_LOGIN_STEP)
 
 _DOMAIN_RE = re.compile(r"^(?=.{1,255}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\u0080-\U0010ffff]{1,64}$")
@@ -122,6 +125,24 @@ def _bump(tr: Transaction) -> None:
     tr.add(keys.DIRECTORY_VERSION, 1)
 
 
+def _login_step(now: float) -> int:
+    return int(now // FAILED_LOGIN_STEP)
+
+
+def recent_failures(tr: ReadTransaction, remote: str, now: float) -> int:
+    """Failed logins from ``remote`` in the last five minutes, all nodes."""
+    step = _login_step(now)
+    return sum(decode_counter(tr.get(keys.login_failures(s, remote))) for s in range(step - _STEPS, step + 1))
+
+
+def count_failure(tr: Transaction, remote: str, now: float) -> None:
+    """One more failed login from ``remote``; steps out of every window go.
+    An atomic add: failures from many nodes at once never conflict."""
+    step = _login_step(now)
+    tr.add(keys.login_failures(step, remote), 1)
+    tr.clear_range(*keys.login_failures_before(step - _STEPS))
+
+
 class Directory:
     """Directory operations over a store. Safe to share across sessions."""
 
@@ -139,7 +160,6 @@ class Directory:
         #: Called inside the creating transaction (mail uses it to make the
         #: default mailboxes, so an account never exists without them).
         self.on_account_created = on_account_created
-        self._failures: dict[str, deque[float]] = {}
         # Verified (hash, HMAC of password) per account: skips argon2 on
         # repeat logins, and is checked against the stored hash every time,
         # so a password change anywhere takes effect at once (principle 1).
@@ -357,23 +377,6 @@ class Directory:
 
     # -- login policy ---------------------------------------------------------
 
-    def _recent_failures(self, remote: str) -> deque[float]:
-        now = time.monotonic()
-        window = self._failures.setdefault(remote, deque())
-        while window and now - window[0] > FAILED_LOGIN_WINDOW:
-            window.popleft()
-        if not window:
-            self._failures.pop(remote, None)
-        return window
-
-    def _prune_failures(self) -> None:
-        """Forget clients whose failures are all older than the window, so a
-        flood from many addresses cannot grow this table without bound."""
-        for remote in list(self._failures):
-            self._recent_failures(remote)
-        while len(self._failures) >= MAX_TRACKED_CLIENTS:
-            self._failures.pop(next(iter(self._failures)))
-
     def _fingerprint(self, password: str) -> bytes:
         return hmac.new(self._secret, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
 
@@ -382,34 +385,37 @@ class Directory:
 
         The one place every protocol authenticates. Raises
         :class:`AuthenticationFailed` after ``failed_login_delay`` seconds for a
-        wrong or unknown user or password, and at once when ``remote`` has had
-        ``max_failed_logins`` failures in the last five minutes.
+        wrong or unknown user or password, and (after the same delay, without
+        checking the password) when ``remote`` has had ``max_failed_logins``
+        failures in the last five minutes on any node.
+
+        Cost: the read that finds the account also reads the failure count; a
+        failure adds one transaction, a success none.
         """
-        if len(self._recent_failures(remote)) >= self.max_failed_logins:
+        try:
+            address: str | None = normalize_address(username)
+        except InvalidInput:
+            address = None
+        now = time.time()
+
+        def fn(tr: ReadTransaction) -> tuple[tuple[Account, str] | None, int]:
+            failures = recent_failures(tr, remote, now)
+            raw = tr.get(keys.address(address)) if address is not None else None
+            rec = tr.get(keys.account(int(raw))) if raw is not None else None
+            return (None if rec is None else _account_from(rec)), failures
+
+        found, failures = await self.db.read(fn)
+        if failures >= self.max_failed_logins:
+            await asyncio.sleep(self.failed_login_delay)
             raise AuthenticationFailed("too many failed logins; try again later")
-        account = await self._check(username, password)
+        account = await self._check(found, password)
         if account is None:
-            if len(self._failures) >= MAX_TRACKED_CLIENTS:
-                self._prune_failures()
-            self._failures.setdefault(remote, deque()).append(time.monotonic())
+            await self.db.transact(lambda tr: count_failure(tr, remote, now))
             await asyncio.sleep(self.failed_login_delay)
             raise AuthenticationFailed("invalid user name or password")
         return account
 
-    async def _check(self, username: str, password: str) -> Account | None:
-        try:
-            address = normalize_address(username)
-        except InvalidInput:
-            return None
-
-        def fn(tr: ReadTransaction) -> tuple[Account, str] | None:
-            raw = tr.get(keys.address(address))
-            if raw is None:
-                return None
-            rec = tr.get(keys.account(int(raw)))
-            return None if rec is None else _account_from(rec)
-
-        found = await self.db.read(fn)
+    async def _check(self, found: tuple[Account, str] | None, password: str) -> Account | None:
         if found is None:
             # Spend the time a real check takes, so timing tells nothing.
             await asyncio.get_running_loop().run_in_executor(None, _verify, _DUMMY_HASH, password)

@@ -304,6 +304,20 @@ def change_log(acct: int) -> tuple[bytes, bytes]:
     return prefix_range(("c", acct))
 
 
+# -- login throttle (storage.directory) --------------------------------------
+# ``("l", "fail", step, remote)``  failed logins from one client address in one
+#                                  time step (counter); steps first, so old
+#                                  ones go in one range clear
+
+def login_failures(step: int, remote: str) -> bytes:
+    return pack(("l", "fail", step, remote))
+
+
+def login_failures_before(step: int) -> tuple[bytes, bytes]:
+    """Every failure counter of a step older than ``step``."""
+    return pack(("l", "fail")), pack(("l", "fail", step))
+
+
 # -- nodes and cluster state (storage.nodes) --------------------------------
 # ``("n", "node", node_id)``   node lease record (JSON): address, state, heartbeat
 # ``("n", "lease", name)``     singleton / shard lease (JSON): owner, expires

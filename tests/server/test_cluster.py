@@ -642,3 +642,22 @@ def test_draining_node_is_not_ready_but_live_until_it_exits(
     assert {code for _, code in answers} == {200}
     # Live answered through the drain, not only at its start.
     assert answers[-1][0] - not_ready_at > 2.0, answers[-1][0] - not_ready_at
+
+
+def test_failed_logins_on_one_node_count_on_another(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    """The per-address limit is the cluster's, not each node's: the counter
+    is in the store (no peer channel here at all)."""
+    data = tmp_path / "data"
+    in_store(data, lambda s: make_account(s, USER, PASSWORD))
+    ensure_self_signed(data, "mx.test")
+    limits = ("--set", "security.max_failed_logins=3", "--set", "security.failed_login_delay=0.3")
+    one, two = (NodeProcess(data, ("imap",), *limits) for _ in range(2))
+    node_processes.extend((one, two))
+    for _ in range(3):
+        start = time.monotonic()
+        assert not can_login(one, "wrong")
+        assert time.monotonic() - start >= 0.3
+    start = time.monotonic()
+    assert not can_login(two, PASSWORD), "node 2 must count node 1's failures"
+    assert time.monotonic() - start >= 0.3, "a limited refusal waits the delay too"
+    assert not can_login(one, PASSWORD)

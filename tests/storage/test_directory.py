@@ -81,16 +81,43 @@ async def test_invalid_addresses_are_refused(storage: Storage, bad: str) -> None
         await storage.directory.add_account(bad, "pw")
 
 
-async def test_failed_login_table_stays_bounded(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failed_logins_count_in_the_store_and_old_steps_go(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two nodes' directories on one store share the count; every refusal,
+    limited or not, waits the delay; counters of past windows are cleared."""
     from storage import directory
+    from storage.directory import Directory
 
-    monkeypatch.setattr(directory, "MAX_TRACKED_CLIENTS", 5)
-    storage.directory.failed_login_delay = 0
+    clock = [1_000_000.0]
+    monkeypatch.setattr(directory.time, "time", lambda: clock[0])
     await make_account(storage, "alice@example.org", "pw")
-    for i in range(20):
-        with pytest.raises(AuthenticationFailed):
-            await storage.directory.login("alice@example.org", "wrong", f"10.1.0.{i}")
-    assert len(storage.directory._failures) <= 5
+    other = Directory(storage.db, failed_login_delay=0.2, max_failed_logins=4)  # another node
+    storage.directory.max_failed_logins = 4
+    storage.directory.failed_login_delay = 0.2
+    for node in (storage.directory, other, storage.directory, other):
+        with pytest.raises(AuthenticationFailed, match="invalid"):
+            await node.login("alice@example.org", "wrong", "10.1.0.1")
+    for node in (storage.directory, other):
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(AuthenticationFailed, match="too many"):
+            await node.login("alice@example.org", "pw", "10.1.0.1")
+        assert asyncio.get_running_loop().time() - start >= 0.2, "a limited refusal waits like any other"
+    assert (await other.login("alice@example.org", "pw", "10.1.0.2")).email == "alice@example.org"
+
+    async def counters() -> list[tuple[bytes, bytes]]:
+        return list(await storage.db.read(lambda tr: tr.get_range(*keys.prefix_range(("l", "fail")))))
+
+    assert len(await counters()) == 1
+    # Five minutes and a step later the failures are forgotten ...
+    clock[0] += directory.FAILED_LOGIN_WINDOW + directory.FAILED_LOGIN_STEP
+    assert (await other.login("alice@example.org", "pw", "10.1.0.1")).email == "alice@example.org"
+    # ... and the next failure anywhere clears their counter.
+    other.failed_login_delay = 0
+    with pytest.raises(AuthenticationFailed):
+        await other.login("alice@example.org", "wrong", "10.9.9.9")
+    rows = await counters()
+    assert [keys.unpack(k)[3] for k, _ in rows] == ["10.9.9.9"]
 
 
 async def test_directory_caches_follow_the_store_version(storage: Storage) -> None:
