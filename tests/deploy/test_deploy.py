@@ -560,8 +560,14 @@ def mounts(svc: dict[str, Any]) -> dict[str, str]:
     return found
 
 
+def image_cmd(dockerfile: DockerfileParser) -> list[str]:
+    cmd = [item["value"] for item in dockerfile.structure if item["instruction"] == "CMD"][-1]
+    return list(yaml.safe_load(cmd))
+
+
 def test_compose_nodes_share_cluster_file_and_secret(
-    compose: dict[str, Any], rookery_services: dict[str, dict[str, Any]], image_config: configmod.Config
+    compose: dict[str, Any], rookery_services: dict[str, dict[str, Any]], image_config: configmod.Config,
+    dockerfile: DockerfileParser,
 ) -> None:
     services = compose["services"]
     declared = set(compose.get("volumes") or {})
@@ -584,13 +590,54 @@ def test_compose_nodes_share_cluster_file_and_secret(
         assert cfg.listen.cluster and cfg.cluster.secret, f"{name}: the peer channel needs a listener and the secret"
         cluster_port = port_of(cfg.listen.cluster)
         assert cfg.store.backend == "foundationdb", name
-        assert cfg.store.cluster_file == f"{mounts(svc)[shared]}/fdb.cluster", name
+        # The client rewrites its cluster file: the node gets a writable copy
+        # of the shared one, in its data directory (the Dockerfile gives it
+        # to the node's user), made by the entrypoint before the image's CMD.
+        source = f"{mounts(svc)[shared]}/fdb.cluster"
+        assert f"{shared}:{mounts(svc)[shared]}:ro" in svc["volumes"], f"{name}: the shared file is read, not written"
+        copy_path = cfg.store.cluster_file
+        assert copy_path.startswith(f"{image_config.data_dir}/"), f"{name}: {copy_path} is not writable by the node"
+        assert not any(copy_path.startswith(f"{path}/") for path in mounts(svc).values()), name
+        entry = svc["entrypoint"]
+        assert entry[:2] == ["/bin/sh", "-c"] and f'cp {source} "$ROOKERY_STORE_CLUSTER_FILE"' in entry[2], name
+        assert 'exec rookery "$@"' in entry[2], name
+        assert svc["command"] == image_cmd(dockerfile), f"{name} must run what the image runs"
         secrets.add(env["ROOKERY_CLUSTER_SECRET"])
         peers = {p.strip() for p in env["ROOKERY_CLUSTER_PEERS"].split(",")}
         assert peers == {f"{n}:{cluster_port}" for n in rookery_services}, name
         grace = float(svc["stop_grace_period"].removesuffix("s"))
         assert grace > cfg.server.shutdown_timeout, f"{name}: stop_grace_period must exceed shutdown_timeout"
     assert secrets == {"test-secret"}, "all nodes must share the one cluster secret"
+
+
+def test_compose_entrypoint_copies_the_cluster_file_and_runs_the_node(
+    tmp_path: Path, rookery_services: dict[str, dict[str, Any]]
+) -> None:
+    """The entrypoint script run by a real ``sh``, its paths moved under
+    ``tmp_path`` and ``rookery`` a stand-in that reports what it got."""
+    svc = next(iter(rookery_services.values()))
+    shared_dir = mounts(svc)["fdb-config"]
+    source = tmp_path / "shared"
+    source.mkdir()
+    (source / "fdb.cluster").write_text("docker:docker@10.0.0.2:4500\n")
+    source.chmod(0o555)  # mounted read-only
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "rookery").write_text('#!/bin/sh\necho "args: $*"\ncat "$ROOKERY_STORE_CLUSTER_FILE"\n')
+    (fake / "rookery").chmod(0o755)
+    copy_path = tmp_path / "data" / "fdb.cluster"
+    copy_path.parent.mkdir()
+    sh, flag, script, arg0 = svc["entrypoint"]
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", ROOKERY_STORE_CLUSTER_FILE=str(copy_path))
+    result = run(sh, flag, script.replace(shared_dir, str(source)), arg0, *svc["command"], env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"args: {' '.join(svc['command'])}", "docker:docker@10.0.0.2:4500"]
+    copy_path.write_text("rewritten by the client\n")  # the copy is writable
+    # No shared file (yet): the node does not start on nothing.
+    source.chmod(0o755)
+    (source / "fdb.cluster").unlink()
+    failed = run(sh, flag, script.replace(shared_dir, str(source)), arg0, *svc["command"], env=env)
+    assert failed.returncode != 0 and "args:" not in failed.stdout
 
 
 def test_compose_secret_is_required(compose_raw: dict[str, Any]) -> None:
