@@ -37,6 +37,7 @@ log = logging.getLogger("rookery.node")
 
 PURGE_INTERVAL = 600.0
 REAP_INTERVAL = 600.0
+SWEEP_INTERVAL = 600.0
 #: Singleton leases live this many [cluster] timeouts: a dead holder's work
 #: moves to another node within about 4/3 of that.
 LEASE_TTL_FACTOR = 3.0
@@ -350,6 +351,9 @@ class Node:
         if cfg.cluster.background:
             self.services.append(LeaseWorker(nodes, "purge", state.node_id, state.storage.mail.purge, PURGE_INTERVAL, ttl))
             self.services.append(LeaseWorker(nodes, "reap-nodes", state.node_id, nodes.reap, REAP_INTERVAL, ttl))
+            self.services.append(LeaseWorker(
+                nodes, "sweep-logins", state.node_id, state.storage.directory.sweep_login_failures, SWEEP_INTERVAL, ttl,
+            ))
         return cluster
 
     def queued(self) -> None:

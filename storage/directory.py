@@ -415,6 +415,13 @@ class Directory:
             raise AuthenticationFailed("invalid user name or password")
         return account
 
+    async def sweep_login_failures(self, now: float | None = None) -> None:
+        """Clear failure counters of steps out of every window (a failure
+        clears them too; this catches a cluster where failures stopped).
+        Cluster-wide work: one node at a time runs it, under a lease."""
+        step = _login_step(time.time() if now is None else now)
+        await self.db.transact(lambda tr: tr.clear_range(*keys.login_failures_before(step - _STEPS)))
+
     async def _check(self, found: tuple[Account, str] | None, password: str) -> Account | None:
         if found is None:
             # Spend the time a real check takes, so timing tells nothing.

@@ -418,7 +418,7 @@ def test_killed_node_leaves_the_others_serving_and_its_leases_move(tmp_path: Pat
     # ... the survivors' channels drop it ...
     until(lambda: all(metrics(n)["rookery_peer_members_alive"] == 1 for n in survivors), 3, "membership to drop it")
     # ... and a survivor takes its leases within ttl (3 x timeout) + a renewal.
-    for lease in ("purge", "reap-nodes"):
+    for lease in ("purge", "reap-nodes", "sweep-logins"):
         new = until(lambda lease=lease: lease_owner(data, lease) not in (None, owner), 6, f"lease {lease} to move")
         assert new and lease_owner(data, lease) in ids
     moved_after = time.monotonic() - killed
@@ -661,3 +661,24 @@ def test_failed_logins_on_one_node_count_on_another(tmp_path: Path, node_process
     assert not can_login(two, PASSWORD), "node 2 must count node 1's failures"
     assert time.monotonic() - start >= 0.3, "a limited refusal waits the delay too"
     assert not can_login(one, PASSWORD)
+
+
+async def test_every_singleton_lease_is_taken_and_documented(tmp_path: Path) -> None:
+    """Cluster-wide periodic work runs under leases; each one a node takes is
+    in the README's table of periodic work, and one node alone takes them all."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("## Cluster", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z-]+)`: .*one node at a time \(lease\)", table, re.M))
+    assert {"purge", "reap-nodes", "sweep-logins"} <= documented
+    async with running_node(node_config(tmp_path / "data", ("smtp",), cluster__timeout=1.0)) as state:
+        nodes = Nodes(state.storage.db)
+
+        async def held() -> dict[str, str]:
+            return {lease.name: lease.owner for lease in await nodes.leases()}
+
+        deadline = time.monotonic() + 5
+        while set(await held()) != documented and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        leases = await held()
+    assert set(leases) == documented, (sorted(leases), sorted(documented))
+    assert set(leases.values()) == {state.node_id}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from helpers import make_account
@@ -150,3 +151,21 @@ async def test_invalidate_scopes(storage: Storage) -> None:
     await storage.directory.login("alice@example.org", "secret", "192.0.2.1")
     storage.invalidate("directory")
     assert storage.recipients.get("alice@example.org") is None and not storage.directory._verified
+
+
+async def test_sweep_clears_failure_counters_out_of_every_window(storage: Storage) -> None:
+    from storage import directory
+
+    storage.directory.failed_login_delay = 0
+    await make_account(storage, "alice@example.org", "pw")
+    with pytest.raises(AuthenticationFailed):
+        await storage.directory.login("alice@example.org", "wrong", "10.3.0.1")
+
+    async def counters() -> int:
+        return len(await storage.db.read(lambda tr: tr.get_range(*keys.prefix_range(("l", "fail")))))
+
+    await storage.directory.sweep_login_failures()
+    assert await counters() == 1  # still inside the window: kept
+    later = time.time() + directory.FAILED_LOGIN_WINDOW + directory.FAILED_LOGIN_STEP
+    await storage.directory.sweep_login_failures(later)
+    assert await counters() == 0
