@@ -682,3 +682,51 @@ async def test_every_singleton_lease_is_taken_and_documented(tmp_path: Path) -> 
         leases = await held()
     assert set(leases) == documented, (sorted(leases), sorted(documented))
     assert set(leases.values()) == {state.node_id}
+
+
+async def test_queue_retry_from_the_cli_wakes_the_workers(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    """``queue retry`` sends queue_refresh: mail due in ten minutes, made due
+    now, leaves at once rather than at the worker's next scan
+    ([queue] poll_interval 30 s here)."""
+    from aiosmtpd.smtp import SMTP as SinkSMTP
+
+    from storage.queue import Queue
+
+    data = tmp_path / "data"
+    storage = Storage.open("embedded", data_dir=data)
+    try:
+        for i in range(3):
+            raw = f"From: a@example.com\r\nTo: b@remote.test\r\nSubject: q{i}\r\n\r\nbody\r\n".encode()
+            await Queue(storage.db).enqueue("a@example.com", ["b@remote.test"], raw, now=time.time() + 600)
+    finally:
+        await storage.close()
+    arrived: list[float] = []
+    all_in = asyncio.Event()
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            arrived.append(time.monotonic())
+            if len(arrived) == 3:
+                all_in.set()
+            return "250 2.0.0 OK"
+
+    server = await asyncio.get_running_loop().create_server(lambda: SinkSMTP(Handler()), "127.0.0.1", 0)
+    try:
+        config = tmp_path / "node.toml"
+        config.write_text(
+            f'[routes]\n"*" = "127.0.0.1:{server.sockets[0].getsockname()[1]}"\n[queue]\npoll_interval = 30\n'
+        )
+        options = ("--config", str(config), "--set", f"cluster.secret={SECRET}")
+        node = await asyncio.to_thread(NodeProcess, data, ("http", "cluster"), *options)
+        node_processes.append(node)
+        await asyncio.sleep(0.5)  # the worker's first scan: nothing due
+        assert arrived == []
+        start = time.monotonic()
+        await asyncio.to_thread(rookery, "queue", "retry", "--all", "--set", f"cluster.secret={SECRET}", data=data)
+        await asyncio.wait_for(all_in.wait(), 5)
+        took = time.monotonic() - start
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert took < 5, took
+    print(f"queue retry: 3 messages at the sink {took * 1000:.0f} ms after the command began")
