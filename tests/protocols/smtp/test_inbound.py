@@ -28,7 +28,11 @@ MESSAGE = (
 
 @pytest.fixture
 async def node(tmp_path: Path):
-    cfg = node_config(tmp_path / "data", smtp__max_recipients=5, smtp__max_message_size=200_000)
+    # The directory check would drop cached RCPT answers on its own clock;
+    # the cache tests below decide when the cache is stale.
+    cfg = node_config(
+        tmp_path / "data", smtp__max_recipients=5, smtp__max_message_size=200_000, cluster__directory_check=3600,
+    )
     async with running_node(cfg) as state:
         await make_account(state.storage, "alice@example.org")
         await make_account(state.storage, "bob@example.org")
