@@ -98,6 +98,20 @@ def unlink(tr: Transaction, digest: bytes, acct: int, email_id: int) -> None:
         tr.set(keys.blob_orphan(int(time.time()), digest), b"")
 
 
+def put_structure(tr: Transaction, digest: bytes, structure: bytes) -> None:
+    """Store the parsed structure of blob ``digest`` once, beside the blob,
+    for all the emails of its bytes (no-op if present). It is purged with
+    the blob."""
+    if tr.get(keys.blob_structure(digest, 0)) is not None:
+        return
+    for index, start in enumerate(range(0, len(structure), CHUNK_SIZE)):
+        tr.set(keys.blob_structure(digest, index), structure[start : start + CHUNK_SIZE])
+
+
+def get_structure(tr: ReadTransaction, digest: bytes) -> bytes:
+    return b"".join(v for _, v in tr.get_range(*keys.blob_structures(digest)))
+
+
 def read_range(
     tr: ReadTransaction, digest: bytes, start: int = 0, length: int | None = None, size: int | None = None
 ) -> bytes:
@@ -159,5 +173,6 @@ def purge_orphans(tr: Transaction, now: float, limit: int = 100) -> int:
         if tr.get_range(*keys.blob_refs(digest), limit=1):
             continue
         tr.clear_range(*keys.blob_chunks(digest))
+        tr.clear_range(*keys.blob_structures(digest))
         tr.clear(keys.blob_meta(digest))
     return len(rows)

@@ -16,6 +16,7 @@ Subspaces (``acct`` is an account id, an int; ``mbox`` a mailbox id, an int):
 ``("b", sha256, i)``                blob chunk ``i`` (≤ 100 kB)
 ``("bm", sha256)``                  blob metadata: size, chunk count
 ``("br", sha256, acct, email)``     blob reference (who links the blob)
+``("bs", sha256, i)``               a large parsed structure of the blob, chunk ``i``
 ``("bo", time, sha256)``            blob possibly orphaned since ``time``
 ``("m", acct, "box", mbox)``        mailbox record (JSON)
 ``("m", acct, "boxname", name)``    mailbox name -> id
@@ -24,7 +25,8 @@ Subspaces (``acct`` is an account id, an int; ``mbox`` a mailbox id, an int):
 ``("m", acct, "mod", mbox, modseq, uid)``  index: last change of a message
 ``("m", acct, "gone", mbox, modseq, uid)`` expunged UIDs (QRESYNC VANISHED)
 ``("m", acct, "email", email)``     email record: blob, size, dates, thread
-``("m", acct, "email", email, i)``  parsed structure, chunk ``i``
+``("m", acct, "email", email, i)``  parsed structure, chunk ``i`` (none
+                                    when it is shared, see ``"bs"``)
 ``("m", acct, "in", email, mbox, uid)``  where an email is (mailboxes, UIDs)
 ``("m", acct, "cnt", mbox, name)``  mailbox counters: n, unseen, deleted, size
 ``("m", acct, "ref", msgid_hash)``  thread lookup: Message-ID -> thread id
@@ -168,6 +170,14 @@ def blob_ref(digest: bytes, acct: int, email: int) -> bytes:
 
 def blob_refs(digest: bytes) -> tuple[bytes, bytes]:
     return prefix_range(("br", digest))
+
+
+def blob_structure(digest: bytes, index: int) -> bytes:
+    return pack(("bs", digest, index))
+
+
+def blob_structures(digest: bytes) -> tuple[bytes, bytes]:
+    return prefix_range(("bs", digest))
 
 
 def blob_orphan(when: int, digest: bytes) -> bytes:

@@ -66,6 +66,9 @@ MAX_FLAG_LENGTH = 250
 STRUCTURE_CACHE = 20_000
 #: Parse in a thread above this size, so a huge message never stalls the loop.
 PARSE_INLINE_MAX = 256 * 1024
+#: A parsed structure this large (thousands of MIME parts) is stored once
+#: beside its blob rather than once per account that has the message.
+SHARED_STRUCTURE_MIN = 16 * 1024
 
 ChangeHook = Callable[[int, int, frozenset[str]], None]
 _MESSAGE = struct.Struct(">IQQqQ")
@@ -771,7 +774,14 @@ def _store_email(
         ref_key = keys.thread_ref(acct, blobs.digest_of(ref.encode())[:16])
         if tr.get(ref_key) is None:
             tr.set(ref_key, str(thread_id).encode())
-    chunks = [structure[i : i + MAX_VALUE_SIZE] for i in range(0, len(structure), MAX_VALUE_SIZE)] or [b""]
+    if len(structure) >= SHARED_STRUCTURE_MIN:
+        # Kept once beside the blob, not once per recipient: a message of
+        # thousands of parts to a hundred local recipients must still fit the
+        # 10 MB a transaction may write. Chunk count 0 marks it.
+        blobs.put_structure(tr, digest, structure)
+        chunks = []
+    else:
+        chunks = [structure[i : i + MAX_VALUE_SIZE] for i in range(0, len(structure), MAX_VALUE_SIZE)] or [b""]
     tr.set(keys.email(acct, email_id), keys.pack((digest, size, received, thread_id, len(chunks))))
     for index, chunk in enumerate(chunks):
         tr.set(keys.email_struct(acct, email_id, index), chunk)
@@ -785,11 +795,13 @@ def get_email(tr: ReadTransaction, acct: int, email_id: int, with_structure: boo
     raw = tr.get(keys.email(acct, email_id))
     if raw is None:
         return None
-    digest, size, received, thread_id, _ = keys.unpack(raw)
+    digest, size, received, thread_id, chunks = keys.unpack(raw)
     email = Email(email_id, digest, size, received, thread_id)
     if with_structure:
-        rows = tr.get_range(*keys.email_structs(acct, email_id))
-        email.encoded = b"".join(v for _, v in rows)
+        if chunks:
+            email.encoded = b"".join(v for _, v in tr.get_range(*keys.email_structs(acct, email_id)))
+        else:
+            email.encoded = blobs.get_structure(tr, digest)
     return email
 
 
@@ -813,9 +825,9 @@ def get_emails(tr: ReadTransaction, acct: int, email_ids: list[int]) -> list[Ema
             continue
         record, current = key, wanted.get(key)
         if current is not None:
-            digest, size, received, thread_id, _ = keys.unpack(value)
+            digest, size, received, thread_id, count = keys.unpack(value)
             found[current] = Email(current, digest, size, received, thread_id)
-            chunks[current] = []
+            chunks[current] = [] if count else [blobs.get_structure(tr, digest)]
     for email_id, email in found.items():
         email.encoded = b"".join(chunks[email_id])
     return [found[i] for i in email_ids if i in found]

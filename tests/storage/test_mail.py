@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import make_account
 
-from storage import Storage, blobs, keys, mail
+from storage import Storage, blobs, keys, mail, mime
 from storage.errors import AlreadyExists, Forbidden, HasChildren, InvalidInput, MailboxNotFound, QuotaExceeded
 
 RAW = b"From: a@b.test\r\nSubject: hi\r\nMessage-ID: <root@b.test>\r\n\r\nhello\r\n"
@@ -147,6 +147,40 @@ async def test_large_blob_is_chunked_and_purged_only_when_unreferenced(store: St
     await store.mail.purge(now=time.time() + 2 * blobs.GRACE_SECONDS)
     assert not await store.db.read(lambda tr: blobs.exists(tr, email.digest))
     assert await store.db.read(lambda tr: tr.get_range(*keys.blob_chunks(email.digest))) == []
+
+
+async def test_a_huge_structure_is_stored_once_for_every_recipient(store: Storage) -> None:
+    """Thousands of MIME parts to ten local recipients: the parsed structure
+    is kept once beside the blob, so the delivery stays within the 10 MB a
+    transaction may write (per account it would be over 10 MB)."""
+    name = b"a-rather-long-attachment-name-" * 8
+    parts = b"".join(
+        b'--b\r\nContent-Type: text/plain; name="%s%d.txt"\r\n'
+        b'Content-Disposition: attachment; filename="%s%d.txt"\r\n\r\npart\r\n' % (name, i, name, i)
+        for i in range(mime.MAX_PARTS)
+    )
+    raw = b"From: a@b.test\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" + parts + b"--b--\r\n"
+    structure = mime.encode(mime.parse(raw))
+    assert len(structure) * 10 > 10_000_000
+    await store.directory.add_domain("example.org")
+    accounts = await asyncio.gather(*(store.directory.add_account(f"u{i}@example.org", "pw") for i in range(10)))
+    deliveries = await store.mail.deliver([a.id for a in accounts], raw)
+    assert len(deliveries) == 10
+    digest = blobs.digest_of(raw)
+    shared = await store.db.read(lambda tr: tr.get_range(*keys.blob_structures(digest)))
+    assert b"".join(v for _, v in shared) == structure
+    for d in (deliveries[0], deliveries[-1]):
+        email = await store.mail.email(d.account, d.email_id)
+        assert email is not None and email.encoded == structure
+        assert (await store.mail.emails(d.account, [d.email_id]))[d.email_id].encoded == structure
+        own = await store.db.read(lambda tr: tr.get_range(*keys.email_structs(d.account, d.email_id)))
+        assert own == []
+    # Gone with the blob, once nobody has the message.
+    for d in deliveries:
+        await store.mail.write(d.account, lambda tr, d=d: mail.store_flags(tr, d.account, d.mailbox, [d.uid], "add", ["\\Deleted"]))
+        await store.mail.expunge(d.account, d.mailbox, [d.uid])
+    await store.mail.purge(now=time.time() + 2 * blobs.GRACE_SECONDS)
+    assert await store.db.read(lambda tr: tr.get_range(*keys.blob_structures(digest))) == []
 
 
 async def test_change_log_and_hooks(store: Storage) -> None:
