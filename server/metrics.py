@@ -9,8 +9,12 @@ returning :class:`Sample` tuples; a component that wants to be measured (the
 peer channel, the outbound queue, ...) appends one::
 
     state.metric_sources.append(lambda: [
-        Sample("rookery_queue_messages", "Messages in the outbound queue.", "gauge", len(q)),
+        Sample("rookery_queue_held_messages", "Queued messages this node holds.", "gauge", worker.held),
     ])
+
+(the outbound worker's real source is :func:`outbound_samples`: it also
+gives ``rookery_queue_messages``, the queue size the worker last read from
+the store in the background).
 
 Sources run on the event loop: they must only read in-memory state (never the
 store) and return quickly. One that raises is logged and skipped, so a broken
@@ -150,3 +154,40 @@ def connection_samples(services: Iterable[Any]) -> Iterator[Sample]:
                 "rookery_open_connections", "Open client connections per listener.", "gauge",
                 service.connections(), {"listener": service.name},
             )
+
+
+#: Help of the outbound worker's per-node counters (``OutboundWorker.counters``).
+QUEUE_COUNTERS = {
+    "delivered": ("rookery_queue_delivered_recipients", "Recipients delivered by this node."),
+    "deferred": ("rookery_queue_deferred_recipients", "Recipient delivery attempts deferred (4xx) by this node."),
+    "failed": ("rookery_queue_failed_recipients", "Recipients given up on by this node (5xx or expiry)."),
+    "bounces": ("rookery_queue_bounces", "Bounces (failure DSNs) queued by this node."),
+    "delay_warnings": ("rookery_queue_delay_warnings", "Delay warnings (delay DSNs) queued by this node."),
+}
+
+
+def outbound_samples(worker: Any) -> Iterator[Sample]:
+    """The outbound queue: this node's counters and held messages, and the
+    cluster-wide queue size and throttle usage from the worker's snapshot of
+    the store (``worker.stats``, refreshed in the background; absent until
+    the first read)."""
+    for key, (name, text) in QUEUE_COUNTERS.items():
+        yield Sample(name, text, "counter", worker.counters.get(key, 0))
+    yield Sample("rookery_queue_held_messages", "Queued messages this node holds (leased) now.", "gauge", worker.held)
+    stats = worker.stats
+    if stats is None:
+        return
+    yield Sample("rookery_queue_messages", "Messages in the outbound queue, all nodes together.", "gauge", stats.messages)
+    for rule in worker.throttles:
+        slots, hourly = stats.throttles.get(rule.name, (0, 0))
+        labels = {"rule": rule.name}
+        if rule.max_connections > 0:
+            yield Sample("rookery_throttle_connections", "Connection slots of a throttle in use, cluster-wide.",
+                         "gauge", slots, labels)
+            yield Sample("rookery_throttle_connections_limit", "Connection slots of a throttle.",
+                         "gauge", rule.max_connections, labels)
+        if rule.max_per_hour > 0:
+            yield Sample("rookery_throttle_hourly", "Messages counted by a throttle in the current hour window.",
+                         "gauge", hourly, labels)
+            yield Sample("rookery_throttle_hourly_limit", "Messages a throttle allows per hour window.",
+                         "gauge", rule.max_per_hour, labels)

@@ -29,7 +29,7 @@ from storage.queue import Queue
 
 from .cluster import ClusterService, LeaseWorker, PeerChannel
 from .config import Config
-from .metrics import MetricSource, channel_samples, connection_samples
+from .metrics import MetricSource, channel_samples, connection_samples, outbound_samples
 from .outbound import OutboundWorker, from_config
 from .tls import ensure_self_signed, server_context
 
@@ -289,6 +289,7 @@ class Node:
             stack.push_async_callback(stop_task, watch)
             self.services = self.build_services(state)
             state.metric_sources.append(lambda: connection_samples(self.services))
+            state.metric_sources.append(lambda: outbound_samples(self.outbound))
             self.cluster = await self.start_cluster(state, stack)
             for service in self.services:
                 await service.start()

@@ -55,6 +55,7 @@ from storage.queue import (
     RETRY_MIN,
     Queue,
     QueuedMessage,
+    QueueStats,
     Recipient,
     ThrottleRule,
     domain_of,
@@ -72,6 +73,8 @@ DSN_HEADERS_MAX = 64 * 1024
 #: Largest message a RET=FULL bounce returns whole.
 DSN_FULL_MAX = 10 * 1024 * 1024
 EXPIRED = "Delivery time expired"
+#: Per-node counters of :attr:`OutboundWorker.counters` (``/metrics``).
+COUNTERS = ("delivered", "deferred", "failed", "bounces", "delay_warnings")
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
@@ -109,6 +112,8 @@ class OutboundSettings:
     backoff_max: float = 3600.0
     #: Seconds in the queue before the sender is warned once of the delay (0: never).
     delay_warning: float = 0.0
+    #: Seconds between reads of the queue size and throttle usage for ``/metrics``.
+    stats_interval: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,6 +455,13 @@ class OutboundWorker:
         self._renew_task: asyncio.Task[None] | None = None
         self._conn_limit = asyncio.Semaphore(settings.max_connections)
         self._tls: dict[bool, ssl.SSLContext] = {}
+        self._stats_task: asyncio.Task[None] | None = None
+        #: This node's counts since it started (``/metrics``): recipients
+        #: delivered, deferred and failed, bounces and delay warnings queued.
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        #: The store's side, refreshed in the background (metric sources
+        #: must not read the store): ``None`` until the first read.
+        self.stats: QueueStats | None = None
 
     # -- lifecycle --
 
@@ -457,6 +469,7 @@ class OutboundWorker:
         await self._ensure_tls()
         self._loop_task = asyncio.create_task(self._run(), name="outbound")
         self._renew_task = asyncio.create_task(self._renew_loop(), name="outbound-renew")
+        self._stats_task = asyncio.create_task(self._stats_loop(), name="outbound-stats")
 
     def refresh(self) -> None:
         """Look at the queue now (a submission, or a peer's ``queue_refresh``)."""
@@ -496,10 +509,11 @@ class OutboundWorker:
             with contextlib.suppress(Exception):
                 await self.queue.release_slot(rule, n, self.owner)
         self._slots.clear()
-        if self._renew_task is not None:
-            self._renew_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renew_task
+        for background in (self._renew_task, self._stats_task):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
 
     async def _run(self) -> None:
         settings = self.settings
@@ -564,6 +578,14 @@ class OutboundWorker:
                 await self.queue.renew_slots(sorted(self._slots), self.owner, now, self.settings.lease_seconds)
             except Exception:
                 log.exception("lease renewal failed")
+
+    async def _stats_loop(self) -> None:
+        while True:
+            try:
+                self.stats = await self.queue.stats(self.throttles, self.clock())
+            except Exception:
+                log.exception("queue statistics read failed")
+            await asyncio.sleep(self.settings.stats_interval)
 
     async def _ensure_tls(self) -> None:
         if not self._tls:
@@ -630,6 +652,7 @@ class OutboundWorker:
         attempted = False
         retry_at: list[float] = []
         deferred = False
+        tried: list[Recipient] = []
         for i, r in enumerate(msg.recipients):
             outcome = results.get((msg.id, i))
             if not r.open:
@@ -641,6 +664,7 @@ class OutboundWorker:
                 retry_at.append(outcome.retry_at)
                 continue
             attempted = True
+            tried.append(r)
             r.status, r.reply, r.remote, r.updated = outcome.status, outcome.reply, outcome.remote, now
             r.attempts += 1
             if outcome.status == DEFERRED:
@@ -661,6 +685,10 @@ class OutboundWorker:
             msg.next_attempt = min(retry_at) if retry_at else now + self.settings.retry_min
         # RFC 3461 NOTIFY: who hears of what (none of it for NOTIFY=NEVER).
         failed = [r for r in msg.recipients if r.status == FAILED and not r.notified]
+        counts = dict.fromkeys(COUNTERS, 0)
+        counts["delivered"] = sum(r.status == DELIVERED for r in tried)
+        counts["deferred"] = sum(r.status == DEFERRED for r in tried)
+        counts["failed"] = len(failed)
         dsn = None
         for r in failed:
             r.notified = True
@@ -684,6 +712,12 @@ class OutboundWorker:
         if not await self.queue.finish(msg, self.owner, dsn):
             log.warning("lease lost before results were stored", extra={"queue_id": msg.qid})
             return
+        # Counted once the results are committed, never for a round lost.
+        if dsn is not None:
+            counts["bounces"] = int(bool(failed))
+            counts["delay_warnings"] = int(bool(delayed))
+        for name, n in counts.items():
+            self.counters[name] += n
         log.info(
             "queue round",
             extra={
@@ -1023,6 +1057,8 @@ def from_config(config: Any) -> tuple[OutboundSettings, dict[str, Route], list[T
         tls_verify=q.tls_verify,
         tls_ca_file=q.tls_ca_file,
         delay_warning=q.delay_warning,
+        # Metrics as fresh as the queue polls, and at least every 5 s.
+        stats_interval=min(5.0, q.poll_interval),
     )
     return settings, parse_routes(config.extra.get("routes")), parse_throttles(config.extra.get("throttle"))
 

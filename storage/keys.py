@@ -357,6 +357,10 @@ LEASES = prefix_range(("n", "lease"))
 # ``("q", "backoff", dest)``       adaptive backoff of a destination after 4xx (JSON)
 # ``("q", "rate", acct, window)``  submission rate: messages of an account in one hour (counter)
 # ``("q", "dkim", domain)``        DKIM signing key of a domain (JSON): selector, PEM
+# ``("q", "size")``                messages in the queue (counter, atomic add: never conflicts)
+
+QUEUE_SIZE = pack(("q", "size"))
+
 
 def queue_message(qid: int) -> bytes:
     return pack(("q", "msg", qid))

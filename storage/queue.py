@@ -277,6 +277,8 @@ def put_message(tr: Transaction, msg: QueuedMessage) -> None:
         tr.set(keys.queue_recipient(msg.id, i), _rcpt_value(r))
     tr.set(keys.queue_due(ms(msg.next_attempt), msg.id), b"")
     blobs.link(tr, msg.digest, QUEUE_REF, msg.id)
+    # An atomic add: every enqueue and removal can count without conflicting.
+    tr.add(keys.QUEUE_SIZE, 1)
 
 
 def remove_message(tr: Transaction, qid: int) -> bool:
@@ -290,6 +292,7 @@ def remove_message(tr: Transaction, qid: int) -> bool:
     tr.clear(keys.queue_message(qid))
     tr.clear_range(*keys.queue_recipients(qid))
     blobs.unlink(tr, msg.digest, QUEUE_REF, qid)
+    tr.add(keys.QUEUE_SIZE, -1)
     return True
 
 
@@ -532,6 +535,31 @@ def back_off(tr: Transaction, dest: str, now: float, minimum: float, maximum: fl
 
 def clear_backoff(tr: Transaction, dest: str) -> None:
     tr.clear(keys.queue_backoff(dest))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """What ``/metrics`` shows of the queue's store records (cluster-wide)."""
+
+    #: Messages in the queue.
+    messages: int
+    #: Per throttle rule name: (connection slots held now, messages counted
+    #: in the current hour window).
+    throttles: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def read_stats(tr: ReadTransaction, rules: Sequence[ThrottleRule], now: float) -> QueueStats:
+    """The queue size counter and the usage of each throttle rule."""
+    usage: dict[str, tuple[int, int]] = {}
+    window = int(now // 3600)
+    for rule in rules:
+        slots = 0
+        if rule.max_connections > 0:
+            # An expired slot is free (a dead node's), whatever the record says.
+            slots = sum(1 for _, v in tr.get_range(*keys.queue_slots(rule.name)) if Lease.from_json(v).expires > now)
+        hourly = decode_counter(tr.get(keys.queue_hour(rule.name, window))) if rule.max_per_hour > 0 else 0
+        usage[rule.name] = (slots, hourly)
+    return QueueStats(decode_counter(tr.get(keys.QUEUE_SIZE)), usage)
 
 
 # -- transaction bodies: submission policy -------------------------------------------
@@ -806,6 +834,11 @@ class Queue:
 
     async def clear_backoff(self, dest: str) -> None:
         await self.db.transact(lambda tr: clear_backoff(tr, dest))
+
+    async def stats(self, rules: Sequence[ThrottleRule] = (), now: float | None = None) -> QueueStats:
+        """Queue size and throttle usage, read in one (read-only) transaction."""
+        when = time.time() if now is None else now
+        return await self.db.read(lambda tr: read_stats(tr, rules, when))
 
     # -- administration (rookery queue ...) --
 

@@ -9,6 +9,7 @@ import email
 import email.policy
 import ssl
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,7 @@ import dns.resolver
 import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from helpers import make_account
+from helpers import make_account, node_config, running_node
 
 from server import dkim as dkimmod
 from server.outbound import (
@@ -823,3 +824,61 @@ async def test_notify_success_for_a_local_recipient_reports_delivered(env: Simpl
     [dsn] = await inbox(env.storage, env.alice)
     _, blocks, _ = dsn_parts(dsn)
     assert (blocks[1]["Action"], blocks[1]["Status"]) == ("delivered", "2.0.0")
+
+
+# -- /metrics -------------------------------------------------------------------------------
+
+def scrape(port: int) -> dict[str, float]:
+    """``GET /metrics`` of a node: sample line (name and labels) to value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def test_queue_metrics_of_a_node_over_http(tmp_path: Path, ca: trustme.CA) -> None:
+    async with sink_server(ca) as (box, port):
+        cfg = node_config(
+            tmp_path / "data", ("http",),
+            **{"routes__*": f"127.0.0.1:{port}", "throttle__remote.test": {"connections": 2, "per_hour": 50},
+               "queue__poll_interval": 0.3, "queue__delay_warning": 0.01},
+        )
+        async with running_node(cfg) as state:
+            await make_account(state.storage, "alice@example.org")
+            queue = Queue(state.storage.db)
+            http = state.ports["http"]
+            # One message: delivered, deferred (451) and failed (550) recipients.
+            await queue.enqueue("alice@example.org", ["ok@remote.test", "temp@remote.test", "perm@remote.test"], body())
+
+            def settled() -> bool:
+                m = scrape(http)
+                # The original stays (deferred); its DSN was delivered to
+                # alice's INBOX; the store's side is read every poll interval.
+                return (m.get("rookery_queue_delivered_recipients_total") == 2 and m.get("rookery_queue_messages") == 1
+                        and m.get('rookery_throttle_hourly{rule="domain:remote.test"}') == 1)
+
+            await wait_for(lambda: asyncio.to_thread(settled))
+            m = await asyncio.to_thread(scrape, http)
+            assert [m[f"rookery_queue_{n}_total"] for n in
+                    ("delivered_recipients", "deferred_recipients", "failed_recipients", "bounces", "delay_warnings")
+                    ] == [2, 1, 1, 1, 1]
+            assert m["rookery_queue_held_messages"] == 0
+            assert m['rookery_throttle_connections{rule="domain:remote.test"}'] == 0
+            assert m['rookery_throttle_connections_limit{rule="domain:remote.test"}'] == 2
+            assert m['rookery_throttle_hourly{rule="domain:remote.test"}'] == 1
+            assert m['rookery_throttle_hourly_limit{rule="domain:remote.test"}'] == 50
+            assert [mm.rcpts for mm in box.messages] == [["ok@remote.test"]]
+
+            # A held message shows while its delivery is under way.
+            box.rcpt_delay = 1.5
+            await queue.enqueue("alice@example.org", ["slow@remote.test"], body())
+            await wait_for(lambda: asyncio.to_thread(lambda: scrape(http)["rookery_queue_held_messages"] == 1))
+            await wait_for(lambda: asyncio.to_thread(
+                lambda: scrape(http)['rookery_throttle_connections{rule="domain:remote.test"}'] == 1))
+            await wait_for(lambda: asyncio.to_thread(
+                lambda: scrape(http)["rookery_queue_delivered_recipients_total"] == 3))
+            assert (await asyncio.to_thread(scrape, http))["rookery_queue_held_messages"] == 0
