@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=cmd_queue_pause if verb == "pause" else cmd_queue_resume)
     p = queue.add_parser("flush", parents=[common], help="deliver everything due now from this process")
     p.set_defaults(handler=cmd_queue_flush)
-    p = queue.add_parser("drain", parents=[common], help="relay every queued message to another server, then drop it")
+    p = queue.add_parser("drain", parents=[common], help="relay every queued message (paused, backed off or not) to another server, one "
+                         "transaction each, dropping it once accepted; exit 1 if any stay")
     p.add_argument("--to", required=True, metavar="HOST:PORT")
     p.set_defaults(handler=cmd_queue_drain)
 
@@ -443,17 +444,17 @@ def cmd_queue_flush(args: argparse.Namespace, cfg: configmod.Config) -> int:
 
 
 def cmd_queue_drain(args: argparse.Namespace, cfg: configmod.Config) -> int:
-    from .outbound import flush, from_config, relay_worker
+    from .outbound import from_config, relay_queue
 
     async def fn(s: Storage) -> int:
-        queue = _queue(s, cfg)
-        # Every message goes, paused or not: this store is being emptied.
-        for domain in await queue.paused():
-            await queue.resume(None if domain == "*" else domain)
-        print(f"{await flush(relay_worker(s, queue, from_config(cfg)[0], args.to))} message(s) relayed to {args.to}")
-        left = await queue.list_messages()
-        if left:
-            print(f"rookery: {len(left)} message(s) could not be relayed and stay queued", file=sys.stderr)
+        # Paused or backed-off destinations go too (this store is being
+        # emptied), and their pauses and backoffs stay as they are.
+        report = await relay_queue(s, _queue(s, cfg), from_config(cfg)[0], args.to)
+        print(f"{report.relayed} message(s) relayed to {args.to}")
+        for qid, why in report.left.items():
+            print(f"rookery: {qid} stays queued: {why}", file=sys.stderr)
+        if report.left:
+            print(f"rookery: {len(report.left)} message(s) could not be relayed and stay queued", file=sys.stderr)
             return 1
         return 0
 

@@ -975,26 +975,14 @@ class OutboundWorker:
         if body is None:
             body = await self.queue.read_body(msg)
         addresses = [msg.recipients[i].address for i in idxs]
-        options = []
-        if client.supports_extension("size"):
-            options.append(f"SIZE={len(body)}")
-        if client.supports_extension("8bitmime") and not body.isascii():
-            options.append("BODY=8BITMIME")
-        # RFC 3461 §5.2: parameters go on to a server that supports DSN.
+        envelope = _mail_options(client, msg, body, addresses)
+        if envelope is None:
+            # RFC 6531 §3.4: no SMTPUTF8 at the server, a permanent failure.
+            for i in idxs:
+                results[(msg.id, i)] = Outcome(FAILED, NO_SMTPUTF8, host)
+            return False, False
+        options, encoding = envelope
         dsn = client.supports_extension("dsn")
-        if dsn and msg.ret:
-            options.append(f"RET={msg.ret}")
-        if dsn and msg.envid:
-            options.append(f"ENVID={encode_xtext(msg.envid)}")
-        encoding = "ascii"
-        if msg.smtputf8 or not (msg.sender.isascii() and all(a.isascii() for a in addresses)):
-            if not client.supports_extension("smtputf8"):
-                # RFC 6531 §3.4: no SMTPUTF8 at the server, a permanent failure.
-                for i in idxs:
-                    results[(msg.id, i)] = Outcome(FAILED, "553 5.6.7 Destination does not support SMTPUTF8", host)
-                return False, False
-            options.append("SMTPUTF8")
-            encoding = "utf-8"
         try:
             await client.mail(msg.sender, options=options, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
@@ -1004,14 +992,7 @@ class OutboundWorker:
             return False, exc.code < 500
         accepted = []
         for i, address in zip(idxs, addresses):
-            rcpt_options = []
-            if dsn:
-                r = msg.recipients[i]
-                if r.notify:
-                    rcpt_options.append(f"NOTIFY={r.notify}")
-                addr_type, _, orcpt = r.orcpt.partition(";")
-                if orcpt:
-                    rcpt_options.append(f"ORCPT={addr_type};{encode_xtext(orcpt)}")
+            rcpt_options = _rcpt_options(msg.recipients[i]) if dsn else []
             try:
                 await client.rcpt(address, options=rcpt_options, encoding=encoding)
                 accepted.append(i)
@@ -1035,6 +1016,167 @@ class OutboundWorker:
     async def _rset(self, client: aiosmtplib.SMTP) -> None:
         with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
             await client.rset()
+
+
+    # -- ``queue drain --to``: relay the whole queue --
+
+    async def relay_all(self, host: str, port: int) -> RelayReport:
+        """Relay every queued message to ``host:port`` (``queue drain --to``).
+
+        Unlike delivery, this ignores due times, pauses, backoff and throttles
+        and changes none of them: each message goes in one SMTP transaction
+        with all its open recipients (local ones too, as addressed), envelope
+        intact, and is removed only once the target answered 250 to its data.
+        If the target refuses any part of it, nothing of it is sent and it
+        stays queued as it was (no attempt counted, no bounce).
+        """
+        await self._ensure_tls()
+        report = RelayReport()
+        renew = asyncio.create_task(self._renew_loop(), name="outbound-relay-renew")
+        client: aiosmtplib.SMTP | None = None
+        after: int | None = None
+        try:
+            while True:
+                qid, msg = await self.queue.claim_next(self.owner, after, self.clock(), self.settings.lease_seconds)
+                if qid is None:
+                    break
+                after = qid
+                if msg is None:
+                    report.left[format_id(qid)] = "held by a node delivering it"
+                    continue
+                self._held[qid] = msg
+                try:
+                    if client is None or not client.is_connected:
+                        if client is not None:
+                            client.close()
+                        client, reply = await self._relay_connect(host, port)
+                        if client is None:
+                            report.left[msg.qid] = reply
+                            break
+                    why = await self._relay_one(client, host, msg)
+                    if why is None and await self.queue.complete(qid, self.owner):
+                        report.relayed += 1
+                        log.info("relayed", extra={"queue_id": msg.qid, "host": host})
+                        continue
+                    report.left[msg.qid] = why or "lease lost"
+                    # Back where it was: due when it was due before.
+                    await self.queue.release(qid, self.owner, self.clock(), msg.next_attempt)
+                finally:
+                    self._held.pop(qid, None)
+            # What the loop did not reach (it stops at a connection failure).
+            for left in await self.queue.list_messages():
+                report.left.setdefault(left.qid, "not tried")
+        finally:
+            renew.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renew
+            if client is not None:
+                if client.is_connected:
+                    with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                        await client.quit(timeout=10)
+                client.close()
+        return report
+
+    async def _relay_connect(self, host: str, port: int) -> tuple[aiosmtplib.SMTP | None, str]:
+        verify = self.settings.tls_verify
+        client = aiosmtplib.SMTP(
+            hostname=host, port=port, local_hostname=self.settings.hostname, timeout=self.settings.connect_timeout,
+            start_tls=False, validate_certs=verify, tls_context=self._tls[verify],
+        )
+        try:
+            await client.connect()
+            client.timeout = self.settings.command_timeout
+            await self._hello(client, host, "opportunistic", verify, None)
+        except aiosmtplib.SMTPResponseException as exc:
+            client.close()
+            return None, reply_text(exc.code, exc.message)
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            client.close()
+            return None, f"451 4.4.1 Connection to {host} failed: {_why(exc)}"
+        return client, ""
+
+    async def _relay_one(self, client: aiosmtplib.SMTP, host: str, msg: QueuedMessage) -> str | None:
+        """One message in one transaction; ``None`` once the target took it,
+        else why not (the transaction is reset, the connection kept if it can be)."""
+        rcpts = msg.open_recipients
+        if not rcpts:
+            return None  # nothing left to send: done
+        try:
+            body = await self.queue.read_body(msg)
+            envelope = _mail_options(client, msg, body, [r.address for r in rcpts])
+            if envelope is None:
+                return NO_SMTPUTF8
+            options, encoding = envelope
+            dsn = client.supports_extension("dsn")
+            try:
+                await client.mail(msg.sender, options=options, encoding=encoding)
+            except aiosmtplib.SMTPResponseException as exc:
+                await self._rset(client)
+                return reply_text(exc.code, exc.message)
+            refused = []
+            for r in rcpts:
+                try:
+                    await client.rcpt(r.address, options=_rcpt_options(r) if dsn else [], encoding=encoding)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    refused.append(f"<{r.address}>: {reply_text(exc.code, exc.message)}")
+            if refused:
+                # All or nothing: the message keeps its whole envelope.
+                await self._rset(client)
+                return "; ".join(refused)
+            try:
+                await client.data(body, timeout=self.settings.data_timeout)
+            except aiosmtplib.SMTPDataError as exc:
+                await self._rset(client)
+                return reply_text(exc.code, exc.message)
+            return None
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            client.close()
+            return f"451 4.4.2 Connection to {host} lost: {_why(exc)}"
+
+
+@dataclass(slots=True)
+class RelayReport:
+    """What ``queue drain --to`` did: messages relayed, and the ones that
+    stay queued (queue id to the reason)."""
+
+    relayed: int = 0
+    left: dict[str, str] = field(default_factory=dict)
+
+
+NO_SMTPUTF8 = "553 5.6.7 Destination does not support SMTPUTF8"
+
+
+def _mail_options(
+    client: aiosmtplib.SMTP, msg: QueuedMessage, body: bytes, addresses: Sequence[str]
+) -> tuple[list[str], str] | None:
+    """MAIL parameters and address encoding for ``msg`` at this server;
+    ``None`` when it needs SMTPUTF8 and the server lacks it."""
+    options = []
+    if client.supports_extension("size"):
+        options.append(f"SIZE={len(body)}")
+    if client.supports_extension("8bitmime") and not body.isascii():
+        options.append("BODY=8BITMIME")
+    # RFC 3461 §5.2: parameters go on to a server that supports DSN.
+    if client.supports_extension("dsn"):
+        if msg.ret:
+            options.append(f"RET={msg.ret}")
+        if msg.envid:
+            options.append(f"ENVID={encode_xtext(msg.envid)}")
+    if msg.smtputf8 or not (msg.sender.isascii() and all(a.isascii() for a in addresses)):
+        if not client.supports_extension("smtputf8"):
+            return None
+        options.append("SMTPUTF8")
+        return options, "utf-8"
+    return options, "ascii"
+
+
+def _rcpt_options(r: Recipient) -> list[str]:
+    """RFC 3461 RCPT parameters (for a server that supports DSN)."""
+    out = [f"NOTIFY={r.notify}"] if r.notify else []
+    addr_type, _, orcpt = r.orcpt.partition(";")
+    if orcpt:
+        out.append(f"ORCPT={addr_type};{encode_xtext(orcpt)}")
+    return out
 
 
 # -- wiring and administration (``rookery queue ...``) ----------------------------------------
@@ -1064,9 +1206,8 @@ def from_config(config: Any) -> tuple[OutboundSettings, dict[str, Route], list[T
 
 
 async def flush(worker: OutboundWorker, *, retry: bool = True, rounds: int = 1000) -> int:
-    """Deliver everything now (``queue flush``; with a ``"*"`` route to another
-    server, ``queue drain --to HOST``): make every message due, then run
-    rounds until nothing is due. Returns the messages handled."""
+    """Deliver everything now (``queue flush``): make every message due, then
+    run rounds until nothing is due. Returns the messages handled."""
     if retry:
         await worker.queue.retry(now=worker.clock())
     total = 0
@@ -1078,11 +1219,13 @@ async def flush(worker: OutboundWorker, *, retry: bool = True, rounds: int = 100
     return total
 
 
-def relay_worker(storage: Storage, queue: Queue, settings: OutboundSettings, target: str) -> OutboundWorker:
-    """A worker sending every message to ``target`` (host:port), for ``queue drain --to``."""
+async def relay_queue(
+    storage: Storage, queue: Queue, settings: OutboundSettings, target: str, *, clock: Callable[[], float] = time.time
+) -> RelayReport:
+    """``queue drain --to HOST:PORT``: relay every queued message to ``target``
+    (see :meth:`OutboundWorker.relay_all`)."""
     host, port = parse_hostport(target)
-    return OutboundWorker(storage, queue, settings, routes={"*": Route(host, port)})
-
+    return await OutboundWorker(storage, queue, settings, clock=clock, node_id="drain").relay_all(host, port)
 
 
 def _when(ts: float) -> str:
@@ -1132,5 +1275,5 @@ def format_message(m: QueuedMessage) -> str:
 
 __all__ = [
     "DnsError", "DnsResolver", "MxResolver", "OutboundSettings", "OutboundWorker", "Route", "build_dsn", "flush",
-    "format_list", "format_message", "from_config", "parse_routes", "relay_worker", "status_of",
+    "format_list", "format_message", "from_config", "parse_routes", "relay_queue", "RelayReport", "status_of",
 ]

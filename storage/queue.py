@@ -349,6 +349,35 @@ def claim_due(tr: Transaction, owner: str, now: float, limit: int, lease_seconds
     return out
 
 
+def claim_next(
+    tr: Transaction, owner: str, after: int | None, now: float, lease_seconds: float
+) -> tuple[int | None, QueuedMessage | None]:
+    """``queue drain``: lease the first message with an id above ``after``,
+    whatever its due time and whatever is paused, without changing anything
+    else of it (its next attempt stays, so :func:`release` can put it back).
+
+    Returns ``(id, message as read after the lease was taken)``; ``(id,
+    None)`` when another owner holds it; ``(None, None)`` past the last one.
+    """
+    begin, end = keys.QUEUE_MESSAGES
+    if after is not None:
+        begin = keys.queue_message(after) + b"\x00"
+    rows = tr.get_range(begin, end, limit=1)
+    if not rows:
+        return None, None
+    qid = keys.unpack(rows[0][0])[2]
+    msg = get_message(tr, qid)
+    lease = _get_lease(tr, qid)
+    if msg is None or (lease is not None and lease.expires > now and lease.owner != owner):
+        return qid, None
+    new = Lease(owner, now + lease_seconds)
+    tr.clear(keys.queue_due(_due_ms(msg, lease), qid))
+    tr.set(keys.queue_lease(qid), new.to_json())
+    tr.set(keys.queue_due(ms(new.expires), qid), b"")
+    msg.lease_owner, msg.lease_expires = new.owner, new.expires
+    return qid, msg
+
+
 def renew(tr: Transaction, qids: Iterable[int], owner: str, now: float, lease_seconds: float) -> list[int]:
     """Extend ``owner``'s leases; return the ids still held."""
     held = []
@@ -731,6 +760,15 @@ class Queue:
         if not qids:
             return []
         return await self.db.transact(lambda tr: renew(tr, qids, owner, now, lease_seconds))
+
+    async def claim_next(
+        self, owner: str, after: int | None, now: float, lease_seconds: float
+    ) -> tuple[int | None, QueuedMessage | None]:
+        return await self.db.transact(lambda tr: claim_next(tr, owner, after, now, lease_seconds))
+
+    async def complete(self, qid: int, owner: str) -> bool:
+        """Delete a message that is done (``owner`` must hold it)."""
+        return await self.db.transact(lambda tr: complete(tr, qid, owner))
 
     async def release(self, qid: int, owner: str, now: float, next_time: float | None = None) -> bool:
         return await self.db.transact(lambda tr: release(tr, qid, owner, now, next_time))

@@ -22,7 +22,7 @@ import dns.resolver
 import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from helpers import make_account, node_config, running_node
+from helpers import make_account, node_config, rookery, running_node
 
 from server import dkim as dkimmod
 from server.outbound import (
@@ -37,7 +37,7 @@ from server.outbound import (
     format_message,
     from_config,
     parse_routes,
-    relay_worker,
+    relay_queue,
     status_of,
 )
 from storage import Storage, keys
@@ -614,12 +614,67 @@ async def test_flush_and_drain_to_another_server(env: SimpleNamespace, sink: tup
     assert await first.run_once() == 2
     box.accept_temp = True
     # `queue drain --to HOST`: everything, due or not, to one server.
-    relay = relay_worker(env.storage, env.queue, OutboundSettings(hostname="mx.test"), f"127.0.0.1:{port}")
-    assert await flush(relay) == 1
+    report = await relay_queue(env.storage, env.queue, OutboundSettings(hostname="mx.test"), f"127.0.0.1:{port}",
+                               clock=clock)
+    assert report.relayed == 1 and report.left == {}
     assert await env.queue.list_messages() == []
     assert sorted(r for m in box.messages for r in m.rcpts) == [
         "temp@far.test", "y@far.test", "z@other.test"
     ]
+
+
+async def test_drain_relays_whole_messages_and_leaves_queue_state_alone(
+    env: SimpleNamespace, sink: tuple[Sink, int], tmp_path: Path
+) -> None:
+    box, port = sink
+    clock = env.clock
+    bob = await make_account(env.storage, "bob@example.org")
+    await env.queue.pause()
+    await env.queue.pause("b.test")
+    backoff = await env.queue.back_off("a.test", clock(), 600, 600)
+    multi = await env.queue.enqueue(
+        "alice@example.org", ["x@a.test", "y@b.test", ("bob@example.org", bob)], body(mid="multi"), now=clock())
+    greylisted = await env.queue.enqueue("alice@example.org", ["ok@a.test", "temp@a.test"], body(mid="g"), now=clock())
+    refused = await env.queue.enqueue("alice@example.org", ["perm@c.test"], body(mid="r"), now=clock() + 50)
+    null = await env.queue.enqueue("", ["z@d.test"], body(mid="n"), now=clock())
+    settings = OutboundSettings(hostname="mx.test", backoff_min=1, backoff_max=1)
+    report = await relay_queue(env.storage, env.queue, settings, f"127.0.0.1:{port}", clock=clock)
+
+    # One transaction per message, all its recipients (the local one too),
+    # envelope intact; refused messages are not sent at all.
+    assert report.relayed == 2
+    assert sorted((m.sender, tuple(m.rcpts)) for m in box.messages) == [
+        ("<>", ("z@d.test",)), ("alice@example.org", ("x@a.test", "y@b.test", "bob@example.org")),
+    ]
+    assert set(report.left) == {greylisted.qid, refused.qid}
+    assert "451 4.2.1" in report.left[greylisted.qid] and "550 5.1.1" in report.left[refused.qid]
+    # The rest stays exactly as it was: no attempt, no bounce, same due time,
+    # pauses and backoff untouched, nothing delivered into this store.
+    left = {m.id: m for m in await env.queue.list_messages()}
+    assert set(left) == {greylisted.id, refused.id}
+    for before in (greylisted, refused):
+        after = left[before.id]
+        assert after.attempts == 0 and not after.lease_owner
+        assert after.next_attempt == pytest.approx(before.next_attempt, abs=0.001)  # kept in ms
+        assert [r.status for r in after.recipients] == ["pending"] * len(before.recipients)
+    assert await env.queue.paused() == ["*", "b.test"]
+    assert await env.queue.backoff_until("a.test") == backoff
+    assert await inbox(env.storage, bob) == [] and await inbox(env.storage, env.alice) == []
+    assert multi.id not in left and null.id not in left
+
+    # The command reports what stays and exits non-zero; once the target
+    # takes the rest, it exits 0 with the queue empty.
+    store = tmp_path / "store"
+    result = await asyncio.to_thread(rookery, "queue", "drain", "--to", f"127.0.0.1:{port}", data=store, check=False)
+    assert result.returncode == 1
+    assert greylisted.qid in result.stderr and refused.qid in result.stderr and "2 message(s)" in result.stderr
+    box.accept_temp = True
+    await env.queue.delete(refused.id)
+    result = await asyncio.to_thread(rookery, "queue", "drain", "--to", f"127.0.0.1:{port}", data=store, check=False)
+    assert result.returncode == 0 and "1 message(s) relayed" in result.stdout
+    assert await env.queue.list_messages() == []
+    assert box.messages[-1].rcpts == ["ok@a.test", "temp@a.test"]
+    assert await env.queue.paused() == ["*", "b.test"]
 
 
 def test_settings_from_config() -> None:
