@@ -125,6 +125,8 @@ class Route:
     username: str = ""
     password: str = ""
     #: ``opportunistic`` (STARTTLS if offered), ``required``, ``implicit`` (port 465), ``none``.
+    #: With a username, AUTH is only done over TLS, unless this is ``none``
+    #: (which says plaintext credentials are wanted, e.g. for a local relay).
     tls: str = "opportunistic"
     #: Verify the certificate (default: ``[queue] tls_verify``).
     verify: bool | None = None
@@ -944,12 +946,20 @@ class OutboundWorker:
             await client.ehlo()
         except aiosmtplib.SMTPHeloError:
             await client.helo()
+        secure = mode == "implicit"
         if mode in ("opportunistic", "required") and client.supports_extension("starttls"):
             await client.starttls(server_hostname=host, validate_certs=verify, tls_context=self._tls[verify])
             await client.ehlo()
+            secure = True
         elif mode == "required":
             raise aiosmtplib.SMTPResponseException(454, "4.7.10 TLS required but not offered by " + host)
         if route is not None and route.username:
+            if not secure and mode != "none":
+                # Credentials never go in cleartext unless the route says so
+                # (tls = "none"), loopback or not: a deferral, not a leak.
+                raise aiosmtplib.SMTPResponseException(
+                    454, f"4.7.0 Not sending credentials to {host} without TLS (STARTTLS not available)"
+                )
             # One mechanism, one try: a wrong password must not count twice
             # against the smarthost's failed-login limit.
             if "plain" in client.server_auth_methods or "login" not in client.server_auth_methods:

@@ -148,17 +148,19 @@ def ca() -> trustme.CA:
 @contextlib.asynccontextmanager
 async def sink_server(
     ca: trustme.CA, *, auth: bool = False, sink: Sink | None = None, protocol: type[SinkSMTP] | None = None,
+    starttls: bool = True,
 ) -> AsyncIterator[tuple[Any, int]]:
-    """The sink on a loopback port, with STARTTLS (and AUTH if asked);
-    ``sink`` and ``protocol`` swap in a sink of another kind."""
+    """The sink on a loopback port, with STARTTLS (unless told not to) and
+    AUTH if asked; ``sink`` and ``protocol`` swap in a sink of another kind."""
     sink = Sink() if sink is None else sink
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
 
     def factory() -> SMTP:
         proto = (protocol or SinkSMTP)(
-            sink, hostname="sink.test", tls_context=ctx, decode_data=False, enable_SMTPUTF8=True,
-            authenticator=sink.authenticate if auth else None, auth_required=auth, auth_require_tls=True,
+            sink, hostname="sink.test", tls_context=ctx if starttls else None, decode_data=False, enable_SMTPUTF8=True,
+            authenticator=sink.authenticate if auth else None, auth_required=auth and starttls,
+            auth_require_tls=starttls,
         )
         proto.sink = sink
         return proto
@@ -565,6 +567,25 @@ async def test_smarthost_with_auth(env: SimpleNamespace, ca: trustme.CA) -> None
         assert await worker(env.storage, env.queue, port, env.clock, routes=good).run_once() == 1
         assert [m.rcpts for m in box.messages] == [["x@remote.test"]] and box.messages[0].tls
         assert box.logins == [b"relay", b"relay"]
+
+
+async def test_no_auth_over_plaintext_unless_the_route_says_tls_none(env: SimpleNamespace, ca: trustme.CA) -> None:
+    async with sink_server(ca, auth=True, starttls=False) as (box, port):
+        msg = await env.queue.enqueue("alice@example.org", ["x@remote.test"], body(), now=env.clock())
+        opportunistic = {"*": Route("127.0.0.1", port, "relay", "pw")}
+        assert await worker(env.storage, env.queue, port, env.clock, routes=opportunistic).run_once() == 1
+        shown = await env.queue.show(msg.id)
+        assert shown.recipients[0].status == DEFERRED
+        assert shown.recipients[0].reply.startswith("454 4.7.0 Not sending credentials")
+        assert box.logins == [] and box.messages == []  # the password never went out
+        # tls = "none" is the explicit way to send credentials in cleartext.
+        env.clock.advance(3600)
+        await env.queue.clear_backoff("remote.test")
+        plain = {"*": Route("127.0.0.1", port, "relay", "pw", tls="none")}
+        assert await worker(env.storage, env.queue, port, env.clock, routes=plain).run_once() == 1
+        assert box.logins == [b"relay"]
+        assert [m.rcpts for m in box.messages] == [["x@remote.test"]] and not box.messages[0].tls
+        assert await env.queue.list_messages() == []
 
 
 async def test_drain_releases_what_it_holds(env: SimpleNamespace, sink: tuple[Sink, int]) -> None:
