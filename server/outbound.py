@@ -7,7 +7,9 @@ the domain (or of ``"*"``, a smarthost, optionally with AUTH), else to the
 domain's MX hosts in preference order (RFC 5321 §5.1; no MX: the domain's
 own address; null MX, RFC 7505: permanent failure). STARTTLS is used when
 offered, without certificate checks unless configured (opportunistic TLS,
-RFC 3207 / RFC 7435). Results are per recipient: delivered, deferred (4xx,
+RFC 3207 / RFC 7435); if its handshake fails, the message goes in plaintext
+on a new connection (a route with ``tls = "required"`` defers instead), and
+credentials only ever go over TLS. Results are per recipient: delivered, deferred (4xx,
 retried on a Postfix-like schedule), failed (5xx: bounced at once). A
 message still undelivered when it expires is bounced too. Bounces are RFC
 3464 DSNs to the envelope sender, queued in the same transaction that
@@ -884,31 +886,11 @@ class OutboundWorker:
         """
         mode = route.tls if route is not None else "opportunistic"
         verify = (route.verify if route is not None and route.verify is not None else self.settings.tls_verify)
-        client = aiosmtplib.SMTP(
-            hostname=host,
-            port=port,
-            local_hostname=self.settings.hostname,
-            timeout=self.settings.connect_timeout,
-            use_tls=mode == "implicit",
-            start_tls=False,
-            validate_certs=verify,
-            tls_context=self._tls[verify],
-        )
+        opened, reply, temporary = await self._open(host, port, mode, verify, route)
+        if opened is None:
+            return False, reply, temporary
+        client = opened
         try:
-            try:
-                await client.connect()
-            except aiosmtplib.SMTPResponseException as exc:
-                return False, reply_text(exc.code, exc.message), True
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
-                return False, f"451 4.4.1 Connection to {host} failed: {_why(exc)}", True
-            client.timeout = self.settings.command_timeout
-            try:
-                await self._hello(client, host, mode, verify, route)
-            except aiosmtplib.SMTPResponseException as exc:
-                # A refused EHLO/STARTTLS/AUTH is the host's, not the recipient's.
-                return False, reply_text(exc.code, exc.message), exc.code < 500 or route is not None
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-                return False, f"451 4.4.2 Session with {host} failed: {_why(exc)}", True
             temporary = False
             delivered = False
             # The hourly budget is reserved once for the whole group, not
@@ -941,16 +923,73 @@ class OutboundWorker:
         finally:
             client.close()
 
-    async def _hello(self, client: aiosmtplib.SMTP, host: str, mode: str, verify: bool, route: Route | None) -> None:
+    async def _open(
+        self, host: str, port: int, mode: str, verify: bool, route: Route | None
+    ) -> tuple[aiosmtplib.SMTP | None, str, bool]:
+        """Connect to ``host`` and say hello (STARTTLS and AUTH as ``mode``
+        and ``route`` ask). Returns the client, or ``None``, the reply that
+        says why, and whether that is temporary (back off).
+
+        Opportunistic TLS whose handshake fails gives way to plaintext on a
+        new connection, as Postfix's ``may`` level does (RFC 7435 §3): that is
+        remembered nowhere, so the next connection tries TLS again.
+        """
+        starttls = mode in ("opportunistic", "required")
+        while True:
+            client = aiosmtplib.SMTP(
+                hostname=host,
+                port=port,
+                local_hostname=self.settings.hostname,
+                timeout=self.settings.connect_timeout,
+                use_tls=mode == "implicit",
+                start_tls=False,
+                validate_certs=verify,
+                tls_context=self._tls[verify],
+            )
+            try:
+                await client.connect()
+            except aiosmtplib.SMTPResponseException as exc:
+                client.close()
+                return None, reply_text(exc.code, exc.message), True
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                client.close()
+                return None, f"451 4.4.1 Connection to {host} failed: {_why(exc)}", True
+            client.timeout = self.settings.command_timeout
+            try:
+                await self._hello(client, host, mode, verify, route, starttls)
+                return client, "", False
+            except _TlsFailed as exc:
+                client.close()
+                if mode != "opportunistic" or not starttls:
+                    return None, f"454 4.7.5 TLS with {host} failed: {exc}", True
+                log.warning("STARTTLS failed, delivering in plaintext", extra={"host": host, "reason": str(exc)})
+                starttls = False
+            except aiosmtplib.SMTPResponseException as exc:
+                client.close()
+                # A refused EHLO/AUTH is the host's, not the recipient's.
+                return None, reply_text(exc.code, exc.message), exc.code < 500 or route is not None
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+                client.close()
+                return None, f"451 4.4.2 Session with {host} failed: {_why(exc)}", True
+
+    async def _hello(
+        self, client: aiosmtplib.SMTP, host: str, mode: str, verify: bool, route: Route | None, starttls: bool = True
+    ) -> None:
+        """EHLO, STARTTLS unless ``starttls`` is false (plaintext after a
+        failed handshake), AUTH; raises :class:`_TlsFailed` when STARTTLS does."""
         try:
             await client.ehlo()
         except aiosmtplib.SMTPHeloError:
             await client.helo()
         secure = mode == "implicit"
         if mode in ("opportunistic", "required") and client.supports_extension("starttls"):
-            await client.starttls(server_hostname=host, validate_certs=verify, tls_context=self._tls[verify])
-            await client.ehlo()
-            secure = True
+            if starttls:
+                try:
+                    await client.starttls(server_hostname=host, validate_certs=verify, tls_context=self._tls[verify])
+                    await client.ehlo()
+                except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+                    raise _TlsFailed(_why(exc)) from exc
+                secure = True
         elif mode == "required":
             raise aiosmtplib.SMTPResponseException(454, "4.7.10 TLS required but not offered by " + host)
         if route is not None and route.username:
@@ -1088,22 +1127,8 @@ class OutboundWorker:
         return report
 
     async def _relay_connect(self, host: str, port: int) -> tuple[aiosmtplib.SMTP | None, str]:
-        verify = self.settings.tls_verify
-        client = aiosmtplib.SMTP(
-            hostname=host, port=port, local_hostname=self.settings.hostname, timeout=self.settings.connect_timeout,
-            start_tls=False, validate_certs=verify, tls_context=self._tls[verify],
-        )
-        try:
-            await client.connect()
-            client.timeout = self.settings.command_timeout
-            await self._hello(client, host, "opportunistic", verify, None)
-        except aiosmtplib.SMTPResponseException as exc:
-            client.close()
-            return None, reply_text(exc.code, exc.message)
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            client.close()
-            return None, f"451 4.4.1 Connection to {host} failed: {_why(exc)}"
-        return client, ""
+        client, reply, _ = await self._open(host, port, "opportunistic", self.settings.tls_verify, None)
+        return client, reply
 
     async def _relay_one(self, client: aiosmtplib.SMTP, host: str, msg: QueuedMessage) -> str | None:
         """One message in one transaction; ``None`` once the target took it,
@@ -1142,6 +1167,10 @@ class OutboundWorker:
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
             client.close()
             return f"451 4.4.2 Connection to {host} lost: {_why(exc)}"
+
+
+class _TlsFailed(Exception):
+    """STARTTLS was offered but the handshake (or the EHLO after it) failed."""
 
 
 @dataclass(slots=True)

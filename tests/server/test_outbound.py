@@ -588,6 +588,40 @@ async def test_no_auth_over_plaintext_unless_the_route_says_tls_none(env: Simple
         assert await env.queue.list_messages() == []
 
 
+class BrokenTlsSMTP(SinkSMTP):
+    """Offers STARTTLS, says go ahead, then answers the handshake with junk."""
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await self.push("220 2.0.0 Ready to start TLS")
+        assert self.transport is not None
+        self.transport.write(b"this is not TLS\r\n" * 4)
+        self.transport.close()
+
+
+async def test_failed_starttls_falls_back_to_plaintext_unless_tls_is_required(
+    env: SimpleNamespace, ca: trustme.CA
+) -> None:
+    async with sink_server(ca, protocol=BrokenTlsSMTP) as (box, port):
+        msg = await env.queue.enqueue("alice@example.org", ["x@remote.test"], body(), now=env.clock())
+        required = {"*": Route("127.0.0.1", port, tls="required")}
+        assert await worker(env.storage, env.queue, port, env.clock, routes=required).run_once() == 1
+        shown = await env.queue.show(msg.id)
+        assert shown.recipients[0].status == DEFERRED and shown.recipients[0].reply.startswith("454 4.7.5")
+        assert box.messages == [] and box.connections == 1
+        env.clock.advance(3600)
+        await env.queue.clear_backoff("remote.test")
+        # Opportunistic (the default): a new connection, in plaintext.
+        w = worker(env.storage, env.queue, port, env.clock)
+        assert await w.run_once() == 1
+        assert [m.rcpts for m in box.messages] == [["x@remote.test"]] and not box.messages[0].tls
+        assert box.connections == 3
+        assert await env.queue.list_messages() == []
+        # Nothing was remembered: the next delivery tries STARTTLS again.
+        await env.queue.enqueue("alice@example.org", ["y@remote.test"], body(), now=env.clock())
+        assert await w.run_once() == 1
+        assert box.connections == 5 and len(box.messages) == 2
+
+
 async def test_drain_releases_what_it_holds(env: SimpleNamespace, sink: tuple[Sink, int]) -> None:
     box, port = sink
     box.rcpt_delay = 5.0
