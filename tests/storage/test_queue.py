@@ -250,3 +250,27 @@ async def test_read_bodies_reads_small_messages_at_once_within_a_budget(queue: Q
     assert bodies == {m.id: RAW + b"%d\r\n" % i for i, m in enumerate(small)}  # the large one is read on its own
     assert await queue.read_body(large) == large_raw
     assert list(await queue.read_bodies(small, budget=2 * len(RAW) + 7)) == [small[0].id, small[1].id]
+
+
+async def test_queue_size_counter_and_throttle_usage_stats(storage: Storage, queue: Queue) -> None:
+    from storage import queue as q
+
+    a = await queue.enqueue("a@example.org", ["x@remote.test"], RAW, now=T0)
+    b = await queue.enqueue("a@example.org", ["y@remote.test"], RAW, now=T0)
+    assert (await queue.stats(now=T0)).messages == 2
+    [m, _] = await queue.claim("A", T0, 10, 60)
+    m.recipients[0].status = FAILED
+    dsn = await queue.prepare_dsn(b"Subject: bounce\r\n\r\nx\r\n", "a@example.org", 3, T0)
+    assert await queue.finish(m, "A", dsn)  # one removed, its DSN added
+    assert (await queue.stats(now=T0)).messages == 2
+    other = b.id if m.id == a.id else a.id
+    assert await storage.db.transact(lambda tr: q.complete(tr, other, "A"))
+    await queue.delete(dsn.id)
+    assert (await queue.stats(now=T0)).messages == 0
+
+    rules = [ThrottleRule("d.test", max_connections=3, max_per_hour=10), ThrottleRule("e.test")]
+    assert await queue.acquire_slot("domain:d.test", 3, "A", T0, 30) == 0
+    assert await queue.acquire_slot("domain:d.test", 3, "B", T0 - 60, 30) == 1  # expired by T0
+    await queue.take_hourly("domain:d.test", 10, T0, 4)
+    stats = await queue.stats(rules, T0)
+    assert stats.throttles == {"domain:d.test": (1, 4), "domain:e.test": (0, 0)}
