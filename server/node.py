@@ -30,7 +30,7 @@ from storage.queue import Queue
 from .cluster import ClusterService, LeaseWorker, PeerChannel
 from .config import Config
 from .metrics import MetricSource, channel_samples, connection_samples, outbound_samples
-from .outbound import OutboundWorker, from_config
+from .outbound import OutboundWorker, from_config, with_queue_purge
 from .tls import ensure_self_signed, server_context
 
 log = logging.getLogger("rookery.node")
@@ -350,7 +350,8 @@ class Node:
         # holder's taken over) on the cluster's own time scale.
         ttl = LEASE_TTL_FACTOR * cfg.cluster.timeout
         if cfg.cluster.background:
-            self.services.append(LeaseWorker(nodes, "purge", state.node_id, state.storage.mail.purge, PURGE_INTERVAL, ttl))
+            purge = with_queue_purge(state.storage.mail.purge, self.outbound.queue)
+            self.services.append(LeaseWorker(nodes, "purge", state.node_id, purge, PURGE_INTERVAL, ttl))
             self.services.append(LeaseWorker(nodes, "reap-nodes", state.node_id, nodes.reap, REAP_INTERVAL, ttl))
             self.services.append(LeaseWorker(
                 nodes, "sweep-logins", state.node_id, state.storage.directory.sweep_login_failures, SWEEP_INTERVAL, ttl,

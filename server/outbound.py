@@ -36,7 +36,7 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate, make_msgid
 from datetime import datetime, timezone
@@ -1020,7 +1020,7 @@ class OutboundWorker:
         self, client: aiosmtplib.SMTP, host: str, msg: QueuedMessage, idxs: list[int], results: Results,
         body: bytes | None = None,
     ) -> tuple[bool, bool]:
-        """One message over an open connection; returns (delivered any, 4xx seen)."""
+        """One message over an open connection; returns (delivered any, 4xx seen at any phase)."""
         if body is None:
             body = await self.queue.read_body(msg)
         addresses = [msg.recipients[i].address for i in idxs]
@@ -1040,6 +1040,9 @@ class OutboundWorker:
             await self._rset(client)
             return False, exc.code < 500
         accepted = []
+        # A 4xx at RCPT (greylisting, 450/451/452, 421) backs the
+        # destination off as a 4xx at any other phase does.
+        rcpt_temp = False
         for i, address in zip(idxs, addresses):
             rcpt_options = _rcpt_options(msg.recipients[i]) if dsn else []
             try:
@@ -1047,20 +1050,21 @@ class OutboundWorker:
                 accepted.append(i)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 results[(msg.id, i)] = Outcome(classify(exc.code), reply_text(exc.code, exc.message), host)
+                rcpt_temp |= exc.code < 500
         if not accepted:
             await self._rset(client)
-            return False, False
+            return False, rcpt_temp
         try:
             response = await client.data(body, timeout=self.settings.data_timeout)
         except aiosmtplib.SMTPDataError as exc:
             for i in accepted:
                 results[(msg.id, i)] = Outcome(classify(exc.code), reply_text(exc.code, exc.message), host)
             await self._rset(client)
-            return False, exc.code < 500
+            return False, exc.code < 500 or rcpt_temp
         for i in accepted:
             results[(msg.id, i)] = Outcome(DELIVERED, reply_text(response.code, response.message), host, dsn_passed=dsn)
         log.info("delivered", extra={"queue_id": msg.qid, "host": host, "rcpts": len(accepted)})
-        return True, False
+        return True, rcpt_temp
 
     async def _rset(self, client: aiosmtplib.SMTP) -> None:
         with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
@@ -1238,10 +1242,25 @@ def from_config(config: Any) -> tuple[OutboundSettings, dict[str, Route], list[T
         tls_verify=q.tls_verify,
         tls_ca_file=q.tls_ca_file,
         delay_warning=q.delay_warning,
+        backoff_min=q.backoff_min,
+        backoff_max=q.backoff_max,
         # Metrics as fresh as the queue polls, and at least every 5 s.
         stats_interval=min(5.0, q.poll_interval),
     )
     return settings, parse_routes(config.extra.get("routes")), parse_throttles(config.extra.get("throttle"))
+
+
+def with_queue_purge(purge: Callable[[], Awaitable[object]], queue: Queue) -> Callable[[], Awaitable[None]]:
+    """The cluster's ``purge`` singleton work, followed by the queue's own
+    (expired backoff records)."""
+
+    async def work() -> None:
+        try:
+            await purge()
+        finally:
+            await queue.purge_backoffs()
+
+    return work
 
 
 async def flush(worker: OutboundWorker, *, retry: bool = True, rounds: int = 1000) -> int:
@@ -1315,4 +1334,5 @@ def format_message(m: QueuedMessage) -> str:
 __all__ = [
     "DnsError", "DnsResolver", "MxResolver", "OutboundSettings", "OutboundWorker", "Route", "build_dsn", "flush",
     "format_list", "format_message", "from_config", "parse_routes", "relay_queue", "RelayReport", "status_of",
+    "with_queue_purge",
 ]

@@ -420,6 +420,9 @@ def queue_backoff(dest: str) -> bytes:
     return pack(("q", "backoff", dest))
 
 
+QUEUE_BACKOFFS = prefix_range(("q", "backoff"))
+
+
 def queue_rate(acct: int, window: int) -> bytes:
     return pack(("q", "rate", acct, window))
 

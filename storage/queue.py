@@ -60,6 +60,10 @@ MAX_REPLY = 500
 QUEUE_REF = 0
 #: Records read per transaction by listing scans (well under 5 s).
 SCAN_BATCH = 500
+#: A backoff record whose time ran out this long ago is purged: the
+#: destination has been left alone long enough to start again from the
+#: shortest delay.
+BACKOFF_KEEP = 86400.0
 
 
 class RateLimited(RookeryError):
@@ -566,6 +570,22 @@ def clear_backoff(tr: Transaction, dest: str) -> None:
     tr.clear(keys.queue_backoff(dest))
 
 
+def purge_backoffs(tr: Transaction, before: float, after: bytes | None, limit: int) -> tuple[int, bytes | None]:
+    """Clear backoff records whose ``until`` is before ``before``, among up to
+    ``limit`` records past key ``after``. Returns (cleared, last key read or
+    ``None`` at the end)."""
+    begin, end = keys.QUEUE_BACKOFFS
+    if after is not None:
+        begin = after + b"\x00"
+    rows = tr.get_range(begin, end, limit=limit)
+    cleared = 0
+    for key, raw in rows:
+        if float(json.loads(raw)["until"]) < before:
+            tr.clear(key)
+            cleared += 1
+    return cleared, rows[-1][0] if len(rows) == limit else None
+
+
 @dataclass(frozen=True, slots=True)
 class QueueStats:
     """What ``/metrics`` shows of the queue's store records (cluster-wide)."""
@@ -872,6 +892,20 @@ class Queue:
 
     async def clear_backoff(self, dest: str) -> None:
         await self.db.transact(lambda tr: clear_backoff(tr, dest))
+
+    async def purge_backoffs(self, now: float | None = None, keep: float = BACKOFF_KEEP) -> int:
+        """Delete backoff records that ran out more than ``keep`` seconds ago
+        (a destination that failed and was never tried again keeps one
+        forever otherwise); returns how many. Run by the ``purge`` singleton."""
+        before = (time.time() if now is None else now) - keep
+        total = 0
+        after: bytes | None = None
+        while True:
+            cleared, after = await self.db.transact(functools.partial(purge_backoffs, before=before, after=after,
+                                                                      limit=SCAN_BATCH))
+            total += cleared
+            if after is None:
+                return total
 
     async def stats(self, rules: Sequence[ThrottleRule] = (), now: float | None = None) -> QueueStats:
         """Queue size and throttle usage, read in one (read-only) transaction."""

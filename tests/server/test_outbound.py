@@ -554,6 +554,23 @@ async def test_4xx_backs_the_destination_off(env: SimpleNamespace, sink: tuple[S
     assert await env.queue.list_messages() == []
 
 
+async def test_4xx_at_rcpt_backs_the_destination_off_too(env: SimpleNamespace, sink: tuple[Sink, int]) -> None:
+    box, port = sink
+    w = worker(env.storage, env.queue, port, env.clock, backoff_min=90, backoff_max=150)
+    await env.queue.enqueue("alice@example.org", ["ok@remote.test", "temp@remote.test"], body(), now=env.clock())
+    assert await w.run_once() == 1
+    assert [m.rcpts for m in box.messages] == [["ok@remote.test"]]
+    # Greylisted at RCPT: the destination waits, though another recipient got through.
+    assert await env.queue.backoff_until("remote.test") == pytest.approx(env.clock() + 90)
+    connections = box.connections
+    other = await env.queue.enqueue("alice@example.org", ["y@remote.test"], body(), now=env.clock())
+    assert await w.run_once() == 1
+    assert box.connections == connections and (await env.queue.show(other.id)).attempts == 0
+    env.clock.advance(300)
+    assert await w.run_once() == 2  # both due: greylisted again, so the delay doubles
+    assert await env.queue.backoff_until("remote.test") == pytest.approx(env.clock() + 150)  # capped
+
+
 async def test_smarthost_with_auth(env: SimpleNamespace, ca: trustme.CA) -> None:
     async with sink_server(ca, auth=True) as (box, port):
         good = {"*": Route("127.0.0.1", port, "relay", "pw")}
@@ -736,6 +753,7 @@ def test_settings_from_config() -> None:
     queue = SimpleNamespace(
         retry_min=60.0, retry_max=600.0, lease_seconds=45.0, max_connections=7, poll_interval=5.0,
         connect_timeout=10.0, smtp_port=2525, tls_verify=True, tls_ca_file="", delay_warning=14400.0,
+        backoff_min=30.0, backoff_max=900.0,
     )
     config = SimpleNamespace(
         hostname="mx.test", queue=queue,
@@ -744,6 +762,13 @@ def test_settings_from_config() -> None:
     settings, routes, throttles = from_config(config)
     assert settings.retry_min == 60 and settings.smtp_port == 2525 and settings.tls_verify
     assert settings.delay_warning == 14400
+    assert (settings.backoff_min, settings.backoff_max) == (30, 900)
+    from server import config as configmod
+
+    q = configmod.load(None, environ={"ROOKERY_QUEUE_BACKOFF_MAX": "7200"}, overrides={"queue.backoff_min": "15"}).queue
+    assert (q.backoff_min, q.backoff_max) == (15, 7200)
+    defaults, _, _ = from_config(configmod.load(None, environ={}))
+    assert (defaults.backoff_min, defaults.backoff_max) == (60, 3600)
     assert routes == {"*": Route("smart.test", 587)}
     assert throttles == [ThrottleRule("*.big.test", "mx", 3, 0)]
 
@@ -954,7 +979,7 @@ async def test_queue_metrics_of_a_node_over_http(tmp_path: Path, ca: trustme.CA)
     async with sink_server(ca) as (box, port):
         cfg = node_config(
             tmp_path / "data", ("http",),
-            **{"routes__*": f"127.0.0.1:{port}", "throttle__remote.test": {"connections": 2, "per_hour": 50},
+            **{"routes__*": f"127.0.0.1:{port}", "throttle__*.test": {"connections": 2, "per_hour": 50},
                "queue__poll_interval": 0.3, "queue__delay_warning": 0.01},
         )
         async with running_node(cfg) as state:
@@ -969,7 +994,7 @@ async def test_queue_metrics_of_a_node_over_http(tmp_path: Path, ca: trustme.CA)
                 # The original stays (deferred); its DSN was delivered to
                 # alice's INBOX; the store's side is read every poll interval.
                 return (m.get("rookery_queue_delivered_recipients_total") == 2 and m.get("rookery_queue_messages") == 1
-                        and m.get('rookery_throttle_hourly{rule="domain:remote.test"}') == 1)
+                        and m.get('rookery_throttle_hourly{rule="domain:*.test"}') == 1)
 
             await wait_for(lambda: asyncio.to_thread(settled))
             m = await asyncio.to_thread(scrape, http)
@@ -977,18 +1002,19 @@ async def test_queue_metrics_of_a_node_over_http(tmp_path: Path, ca: trustme.CA)
                     ("delivered_recipients", "deferred_recipients", "failed_recipients", "bounces", "delay_warnings")
                     ] == [2, 1, 1, 1, 1]
             assert m["rookery_queue_held_messages"] == 0
-            assert m['rookery_throttle_connections{rule="domain:remote.test"}'] == 0
-            assert m['rookery_throttle_connections_limit{rule="domain:remote.test"}'] == 2
-            assert m['rookery_throttle_hourly{rule="domain:remote.test"}'] == 1
-            assert m['rookery_throttle_hourly_limit{rule="domain:remote.test"}'] == 50
+            assert m['rookery_throttle_connections{rule="domain:*.test"}'] == 0
+            assert m['rookery_throttle_connections_limit{rule="domain:*.test"}'] == 2
+            assert m['rookery_throttle_hourly{rule="domain:*.test"}'] == 1
+            assert m['rookery_throttle_hourly_limit{rule="domain:*.test"}'] == 50
             assert [mm.rcpts for mm in box.messages] == [["ok@remote.test"]]
 
-            # A held message shows while its delivery is under way.
+            # A held message shows while its delivery is under way (to
+            # another domain: remote.test is backed off after its 451).
             box.rcpt_delay = 1.5
-            await queue.enqueue("alice@example.org", ["slow@remote.test"], body())
+            await queue.enqueue("alice@example.org", ["slow@other.test"], body())
             await wait_for(lambda: asyncio.to_thread(lambda: scrape(http)["rookery_queue_held_messages"] == 1))
             await wait_for(lambda: asyncio.to_thread(
-                lambda: scrape(http)['rookery_throttle_connections{rule="domain:remote.test"}'] == 1))
+                lambda: scrape(http)['rookery_throttle_connections{rule="domain:*.test"}'] == 1))
             await wait_for(lambda: asyncio.to_thread(
                 lambda: scrape(http)["rookery_queue_delivered_recipients_total"] == 3))
             assert (await asyncio.to_thread(scrape, http))["rookery_queue_held_messages"] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,28 @@ async def test_queue_size_counter_and_throttle_usage_stats(storage: Storage, que
     await queue.take_hourly("domain:d.test", 10, T0, 4)
     stats = await queue.stats(rules, T0)
     assert stats.throttles == {"domain:d.test": (1, 4), "domain:e.test": (0, 0)}
+
+
+async def test_expired_backoff_records_are_purged(queue: Queue) -> None:
+    from server.outbound import with_queue_purge
+
+    await queue.back_off("old.test", T0 - 3 * 86400, 60, 600)
+    await queue.back_off("recent.test", T0 - 3600, 60, 600)  # ran out an hour ago: kept a while
+    await queue.back_off("live.test", T0, 60, 600)
+    assert await queue.purge_backoffs(T0) == 1
+    assert await queue.backoff_until("old.test") == 0
+    assert await queue.backoff_until("recent.test") == T0 - 3600 + 60
+    assert await queue.backoff_until("live.test") == T0 + 60
+    # The cluster's purge singleton runs it after its own work.
+    now = time.time()  # the singleton purges as of now
+    await queue.back_off("old2.test", now - 3 * 86400, 60, 600)
+    await queue.back_off("live2.test", now, 60, 600)
+    ran = []
+
+    async def mail_purge() -> int:
+        ran.append("mail")
+        return 0
+
+    await with_queue_purge(mail_purge, queue)()
+    assert ran == ["mail"] and await queue.backoff_until("old2.test") == 0
+    assert await queue.backoff_until("live2.test") == now + 60
