@@ -134,7 +134,7 @@ SCHEMA: tuple[Option, ...] = (
     Option("queue", "smtp_port", _int, 25, "Port of MX hosts."),
     Option("queue", "tls_verify", _bool, False, "Verify remote certificates when STARTTLS is used."),
     Option("queue", "tls_ca_file", _str, "", "CA bundle for [queue] tls_verify."),
-    Option("submission", "max_messages_per_hour", _int, 500, "Messages one account may submit per hour, all nodes together (0: unlimited)."),
+    Option("submission", "max_messages_per_hour", _int, 500, "Recipients one account may send to per hour, all nodes together: a message to 100 recipients uses 100 (0: unlimited)."),
     Option("security", "allow_plaintext_auth", _bool, False, "Allow AUTH/LOGIN without TLS from non-loopback peers."),
     Option("security", "failed_login_delay", _float, 1.0, "Seconds to wait before answering a failed or refused login."),
     Option("security", "max_failed_logins", _int, 10, "Failed logins per client IP per 5 minutes, all nodes together, before refusing."),

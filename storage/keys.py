@@ -355,7 +355,7 @@ LEASES = prefix_range(("n", "lease"))
 # ``("q", "slot", rule, n)``       throttle connection slot ``n`` (JSON): owner, expiry
 # ``("q", "hour", rule, window)``  throttle: messages sent in one hour window (counter)
 # ``("q", "backoff", dest)``       adaptive backoff of a destination after 4xx (JSON)
-# ``("q", "rate", acct, window)``  submission rate: messages of an account in one hour (counter)
+# ``("q", "rate", acct, window)``  submission rate: recipients of an account's mail in one hour (counter)
 # ``("q", "dkim", domain)``        DKIM signing key of a domain (JSON): selector, PEM
 # ``("q", "size")``                messages in the queue (counter, atomic add: never conflicts)
 

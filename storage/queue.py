@@ -628,14 +628,16 @@ def sender_owned(tr: ReadTransaction, acct: int, address: str) -> bool:
     return False
 
 
-def reserve_send(tr: Transaction, acct: int, now: float, limit: int) -> None:
-    """Count one message against ``acct``'s hourly sending limit (a fixed
-    hour window, cluster-wide). Raises :class:`RateLimited`."""
+def reserve_send(tr: Transaction, acct: int, now: float, limit: int, count: int = 1) -> None:
+    """Count a message to ``count`` recipients against ``acct``'s hourly
+    sending limit (recipients per fixed hour window, cluster-wide): a message
+    to 100 recipients uses 100. Raises :class:`RateLimited` if they do not
+    all fit, counting none of them."""
     window = int(now // 3600)
     key = keys.queue_rate(acct, window)
-    if decode_counter(tr.get(key)) >= limit:
-        raise RateLimited(f"account {acct} sent {limit} messages this hour")
-    tr.add(key, 1)
+    if decode_counter(tr.get(key)) + count > limit:
+        raise RateLimited(f"account {acct} would pass {limit} recipients this hour")
+    tr.add(key, count)
     tr.clear_range(*keys.queue_rates_before(acct, window))
 
 
@@ -760,16 +762,24 @@ class Queue:
             return False
         return await self.db.read(lambda tr: sender_owned(tr, acct, normalized))
 
-    async def reserve_send(self, acct: int, limit: int, now: float | None = None) -> None:
+    async def reserve_send(self, acct: int, limit: int, now: float | None = None, count: int = 1) -> None:
+        """Count ``count`` recipients against ``acct``'s hourly limit, or raise
+        :class:`RateLimited` (see :func:`reserve_send`)."""
         when = time.time() if now is None else now
-        await self.db.transact(lambda tr: reserve_send(tr, acct, when, limit))
+        await self.db.transact(lambda tr: reserve_send(tr, acct, when, limit, count))
 
-    async def check_rate(self, acct: int, limit: int, now: float | None = None) -> None:
-        """Raise :class:`RateLimited` if ``acct`` has used its hour (read only)."""
+    async def rate_used(self, acct: int, now: float | None = None) -> int:
+        """Recipients ``acct`` has sent to in the current hour window (read only)."""
         window = int((time.time() if now is None else now) // 3600)
-        count = await self.db.read(lambda tr: decode_counter(tr.get(keys.queue_rate(acct, window))))
-        if count >= limit:
-            raise RateLimited(f"account {acct} sent {limit} messages this hour")
+        return await self.db.read(lambda tr: decode_counter(tr.get(keys.queue_rate(acct, window))))
+
+    async def check_rate(self, acct: int, limit: int, now: float | None = None) -> int:
+        """Raise :class:`RateLimited` if ``acct`` has used its hour, else
+        return how much of it is used (read only)."""
+        used = await self.rate_used(acct, now)
+        if used >= limit:
+            raise RateLimited(f"account {acct} sent to {limit} recipients this hour")
+        return used
 
     # -- worker side --
 

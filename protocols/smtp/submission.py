@@ -90,7 +90,9 @@ class SubmissionSettings:
     allow_plaintext_auth: bool = False
     #: Loopback peers count as secure (a local webmail or MUA, as in Dovecot).
     trust_loopback: bool = True
-    #: Messages an account may submit per hour, all nodes together (0: no limit).
+    #: Recipients an account may send to per hour, all nodes together (a
+    #: message to 100 recipients uses 100; 0: no limit). The name is the
+    #: config key's, kept from when messages were counted.
     max_messages_per_hour: int = 0
 
 
@@ -266,12 +268,16 @@ class SubmissionHandler:
             log.info("sender not owned", extra={"peer": peer_text(session), "user": account.email, "from": normalized})
             return SENDER_NOT_OWNED
         limit = self.settings.max_messages_per_hour
+        used = 0
         if limit:
             try:
-                await self.queue.check_rate(account.id, limit)
+                used = await self.queue.check_rate(account.id, limit)
             except RateLimited as exc:
                 return exc.smtp
         envelope.mail_from = address
+        # The hour's use as of MAIL: RCPT refuses recipients past the limit
+        # early; DATA counts them for good (reserve_send, cluster-wide).
+        envelope.rate_used = used
         envelope.mail_options.extend(mail_options)
         envelope.rcpt_targets = []
         envelope.dsn_mail = getattr(server, "dsn_mail", None) or MailParams()
@@ -290,6 +296,9 @@ class SubmissionHandler:
         seen = {a.lower() for a, _, _ in targets}
         if normalized in seen:
             return OK_RCPT  # named twice: delivered once
+        limit = self.settings.max_messages_per_hour
+        if limit and getattr(envelope, "rate_used", 0) + len(targets) + 1 > limit:
+            return RateLimited.smtp
         target = normalized
         try:
             rcpt: LocalRecipient | None = await self.storage.accept_recipient(normalized)
@@ -371,7 +380,7 @@ class SubmissionHandler:
         local = [rcpt for _, rcpt, p in targets if rcpt is not None and "SUCCESS" not in p.notify.split(",")]
         try:
             if limit:
-                await self.queue.reserve_send(account.id, limit)
+                await self.queue.reserve_send(account.id, limit, count=len(targets))
             queued = (
                 await self.queue.enqueue(
                     sender, to_queue, raw, smtputf8=bool(envelope.smtp_utf8), ret=mail_params.ret, envid=mail_params.envid

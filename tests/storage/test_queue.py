@@ -229,6 +229,15 @@ async def test_sender_ownership_and_rate_limit(storage: Storage, queue: Queue) -
         await queue.check_rate(alice, 2, now=T0)
     await queue.check_rate(bob, 2, now=T0)
     await queue.reserve_send(alice, 2, now=T0 + 3600)  # the next hour
+    # Recipients are counted: a message to 3 uses 3 of the hour, all or none.
+    with pytest.raises(RateLimited):
+        await queue.reserve_send(bob, 5, now=T0, count=6)
+    assert await queue.rate_used(bob, now=T0) == 0
+    await queue.reserve_send(bob, 5, now=T0, count=3)
+    with pytest.raises(RateLimited):
+        await queue.reserve_send(bob, 5, now=T0, count=3)
+    await queue.reserve_send(bob, 5, now=T0, count=2)
+    assert await queue.rate_used(bob, now=T0) == 5
 
 
 def test_retry_schedule_and_throttle_rules() -> None:

@@ -251,6 +251,26 @@ async def test_rate_limit_per_account(env: SimpleNamespace, server_tls: ssl.SSLC
     assert len(await env.queue.list_messages()) == 2
 
 
+async def test_rate_limit_counts_recipients(env: SimpleNamespace, server_tls: ssl.SSLContext,
+                                           client_tls: ssl.SSLContext) -> None:
+    settings = SubmissionSettings(max_messages_per_hour=3)
+    async with listening(env, server_tls, settings=settings) as port:
+        async with connect(port, client_tls) as client:
+            await client.auth_plain("alice@example.org", "secret")
+            await client.sendmail("alice@example.org", ["a@remote.test", "b@remote.test"], message())
+            # One recipient of the hour is left: the second RCPT is refused.
+            await client.mail("alice@example.org")
+            await client.rcpt("c@remote.test")
+            with pytest.raises(aiosmtplib.SMTPRecipientRefused) as exc:
+                await client.rcpt("d@remote.test")
+            assert exc.value.code == 450 and exc.value.message.startswith("4.7.1")
+            await client.data(message())
+            with pytest.raises(aiosmtplib.SMTPSenderRefused):
+                await client.mail("alice@example.org")
+    queued = await env.queue.list_messages()
+    assert sorted(r.address for m in queued for r in m.recipients) == ["a@remote.test", "b@remote.test", "c@remote.test"]
+
+
 async def test_local_failure_after_remote_queued_goes_to_the_queue(env: SimpleNamespace, server_tls: ssl.SSLContext,
                                                                    client_tls: ssl.SSLContext) -> None:
     await env.storage.directory.set_quota("bob@example.org", 10)  # any message is too big now
