@@ -14,8 +14,10 @@ retried on a Postfix-like schedule), failed (5xx: bounced at once). A
 message still undelivered when it expires is bounced too. Bounces are RFC
 3464 DSNs to the envelope sender, queued in the same transaction that
 records the failure, so that a local sender's DSN reaches the INBOX through
-the same queue; a null-sender message never bounces. Delay warnings are not
-sent.
+the same queue; a null-sender message never bounces. With ``[queue]
+delay_warning`` set, a sender whose message has waited that long is warned
+once (a DSN with ``Action: delayed``); RFC 3461 NOTIFY chooses who hears of
+what, and NOTIFY=SUCCESS gets a "delivered" or "relayed" report.
 
 Leases are renewed while the node works; on drain the node finishes what it
 can and releases the rest so that another node takes it at once. Cluster
