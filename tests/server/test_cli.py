@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 from helpers import rookery
@@ -54,3 +56,81 @@ def test_bad_input_gives_clear_errors_and_nonzero_exit(tmp_path: Path) -> None:
 def test_help_and_config_listing() -> None:
     assert "serve" in rookery("--help").stdout
     assert "ROOKERY_LISTEN_SMTP" in rookery("config").stdout
+
+
+def _queue_some(data: Path) -> tuple[str, str]:
+    """Two queued messages in the store under ``data``: one for a.test due
+    in an hour, one for b.test due now. Returns their queue ids."""
+    from storage import Storage
+    from storage.queue import Queue
+
+    async def fill() -> tuple[str, str]:
+        s = Storage.open("embedded", data_dir=data)
+        try:
+            queue = Queue(s.db)
+            later = await queue.enqueue("alice@example.org", ["x@a.test"], b"Subject: a\r\n\r\nx\r\n",
+                                        now=time.time() + 3600)
+            now = await queue.enqueue("alice@example.org", ["y@b.test", "z@b.test"], b"Subject: b\r\n\r\ny\r\n")
+            return later.qid, now.qid
+        finally:
+            await s.close()
+
+    return asyncio.run(fill())
+
+
+def _next_attempt(data: Path, qid: str) -> float:
+    from storage import Storage
+    from storage.queue import Queue
+
+    async def read() -> float:
+        s = Storage.open("embedded", data_dir=data)
+        try:
+            return (await Queue(s.db).show(qid)).next_attempt
+        finally:
+            await s.close()
+
+    return asyncio.run(read())
+
+
+def test_queue_list_show_retry_delete(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rookery("domain", "add", "example.org", data=data)
+    a, b = _queue_some(data)
+    listing = rookery("queue", "list", data=data).stdout
+    assert a in listing and b in listing and "-- 2 message(s)" in listing
+    only_b = rookery("queue", "list", "--domain", "B.test", data=data).stdout
+    assert b in only_b and a not in only_b and "y@b.test" in only_b and "-- 1 message(s)" in only_b
+
+    shown = rookery("queue", "show", a, data=data).stdout
+    assert f"id:        {a}" in shown and "sender:    <alice@example.org>" in shown
+    assert "pending   x@a.test" in shown and "attempts:  0" in shown
+    missing = rookery("queue", "show", "00000000000000FF", data=data, check=False)
+    assert missing.returncode == 1 and "no queued message" in missing.stderr
+
+    assert _next_attempt(data, a) > time.time() + 3000
+    assert rookery("queue", "retry", a, data=data).stdout.strip() == "1 message(s) due now"
+    assert _next_attempt(data, a) <= time.time()
+    assert rookery("queue", "retry", "--all", data=data).stdout.strip() == "2 message(s) due now"
+    usage = rookery("queue", "retry", data=data, check=False)
+    assert usage.returncode == 2 and "needs an ID or --all" in usage.stderr
+
+    assert rookery("queue", "delete", a, data=data).stdout.strip() == f"deleted {a}"
+    listing = rookery("queue", "list", data=data).stdout
+    assert a not in listing and b in listing and "-- 1 message(s)" in listing
+    again = rookery("queue", "delete", a, data=data, check=False)
+    assert again.returncode == 1 and "no queued message" in again.stderr
+
+
+def test_dkim_generate_prints_the_record_and_stores_the_key(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rookery("domain", "add", "example.org", data=data)
+    record = rookery("dkim", "generate", "example.org", "--selector", "s1", data=data).stdout.strip()
+    assert record.startswith("s1._domainkey.example.org. IN TXT (") and "v=DKIM1" in record and "p=" in record
+    # Stored: `dkim show` derives the same record from the key in the store.
+    assert rookery("dkim", "show", "example.org", data=data).stdout.strip() == record
+    again = rookery("dkim", "generate", "example.org", data=data, check=False)
+    assert again.returncode == 1 and "already has a DKIM key" in again.stderr
+    replaced = rookery("dkim", "generate", "example.org", "--replace", data=data).stdout.strip()
+    assert replaced != record and rookery("dkim", "show", "example.org", data=data).stdout.strip() == replaced
+    unknown = rookery("dkim", "generate", "other.test", data=data, check=False)
+    assert unknown.returncode == 1 and "not hosted" in unknown.stderr
