@@ -615,6 +615,9 @@ class OutboundWorker:
         results: Results = {}
         now = self.clock()
         paused: set[str] = set(await self.queue.paused())
+        # The whole queue paused: only expired messages are claimed, to be
+        # bounced, and nothing of them is delivered.
+        everything = "*" in paused
         groups: dict[str, _Group] = {}
         local: list[tuple[QueuedMessage, list[int]]] = []
         for msg in msgs:
@@ -623,10 +626,10 @@ class OutboundWorker:
             for i, r in enumerate(msg.recipients):
                 if not r.open:
                     continue
-                if r.local is not None:
-                    local_idx.append(i)
-                elif r.domain in paused:
+                if everything or (r.local is None and r.domain in paused):
                     results[(msg.id, i)] = Outcome(SKIPPED, "4.4.5 destination paused", retry_at=now + PAUSE_RECHECK)
+                elif r.local is not None:
+                    local_idx.append(i)
                 else:
                     by_domain.setdefault(r.domain, []).append(i)
             if local_idx:

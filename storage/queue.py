@@ -318,11 +318,12 @@ def claim_due(tr: Transaction, owner: str, now: float, limit: int, lease_seconds
 
     Takes messages whose index time has passed: unleased ones due for an
     attempt, and leased ones whose owner let the lease expire. Messages
-    whose every open recipient is in a paused domain are put off.
+    whose every open recipient is paused (its domain, or the whole queue)
+    are put off, until they expire: then they are taken all the same, so
+    that the worker bounces them (a pause does not make mail immortal).
     """
     paused = paused_domains(tr)
-    if "*" in paused:
-        return []
+    everything = "*" in paused
     out: list[QueuedMessage] = []
     rows = tr.get_range(*keys.queue_due_until(ms(now)), limit=max(limit * 4, 16))
     for key, _ in rows:
@@ -337,9 +338,10 @@ def claim_due(tr: Transaction, owner: str, now: float, limit: int, lease_seconds
         if lease is not None and lease.expires > now and lease.owner != owner:
             continue  # held (its index entry is its expiry; should not be here)
         open_rcpts = msg.open_recipients
-        if open_rcpts and paused and all(r.domain in paused for r in open_rcpts):
+        held_back = everything or (paused and all(r.domain in paused for r in open_rcpts))
+        if open_rcpts and held_back and now < msg.expires:
             tr.clear(key)
-            msg.next_attempt = now + PAUSE_RECHECK
+            msg.next_attempt = min(now + PAUSE_RECHECK, msg.expires)
             tr.set(keys.queue_message(qid), msg._record())
             tr.clear(keys.queue_lease(qid))
             tr.set(keys.queue_due(ms(msg.next_attempt), qid), b"")
@@ -978,13 +980,12 @@ class Queue:
         await self.db.transact(lambda tr: tr.set(keys.queue_pause(name), b""))
 
     async def resume(self, domain: str | None = None, now: float | None = None) -> int:
-        """Undo :meth:`pause`; messages for ``domain`` become due at once."""
+        """Undo :meth:`pause`; messages for ``domain`` (every message, for the
+        whole queue) become due at once."""
         name = "*" if not domain else domain.lower()
         await self.db.transact(lambda tr: tr.clear(keys.queue_pause(name)))
-        if name == "*":
-            return 0
         when = time.time() if now is None else now
-        return await self._retry_all([m.id for m in await self.list_messages(name)], when)
+        return await self._retry_all([m.id for m in await self.list_messages(None if name == "*" else name)], when)
 
     async def paused(self) -> list[str]:
         return sorted(await self.db.read(paused_domains))

@@ -533,6 +533,42 @@ async def test_paused_domain_waits_until_resumed(env: SimpleNamespace, sink: tup
     assert [m.rcpts for m in box.messages] == [["y@other.test"], ["x@remote.test"]]
 
 
+async def test_paused_mail_still_expires_and_bounces(env: SimpleNamespace, sink: tuple[Sink, int]) -> None:
+    box, port = sink
+    clock = env.clock
+    queue = Queue(env.storage.db, lifetime=1000)
+    w = worker(env.storage, queue, port, clock)
+    await queue.pause("remote.test")
+    domain_paused = await queue.enqueue("alice@example.org", ["x@remote.test"], body(subject="Paused"), now=clock())
+    assert await w.run_once() == 0  # put off
+    clock.advance(999)
+    assert await w.run_once() == 0
+    # Looked at again by its expiry (kept in ms), not a full recheck later.
+    assert (await queue.show(domain_paused.id)).next_attempt == pytest.approx(domain_paused.expires, abs=0.001)
+    clock.advance(1)
+    assert await w.run_once() == 1  # expired: taken to be bounced, not delivered
+    assert await w.run_once() == 1  # the DSN, delivered locally
+    assert box.messages == [] and await queue.list_messages() == []
+    [dsn] = await inbox(env.storage, env.alice)
+    _, [block], headers = parse_dsn(dsn)
+    assert block["Final-Recipient"] == "rfc822; x@remote.test" and block["Status"] == "5.4.7"
+    assert "Subject: Paused" in headers
+
+    # The whole queue paused: the same, and the bounce waits for the resume.
+    await queue.pause()
+    everything = await queue.enqueue("alice@example.org", ["y@remote.test", "z@other.test"], body(), now=clock())
+    assert await w.run_once() == 0
+    clock.advance(1000)
+    assert await w.run_once() == 1
+    assert box.messages == []
+    [bounce] = await queue.list_messages()
+    assert bounce.dsn and bounce.id != everything.id and [r.address for r in bounce.recipients] == ["alice@example.org"]
+    assert await w.run_once() == 0  # paused: the bounce waits
+    assert await queue.resume(now=clock()) == 1  # due at once
+    assert await w.run_once() == 1
+    assert len(await inbox(env.storage, env.alice)) == 2
+
+
 async def test_4xx_backs_the_destination_off(env: SimpleNamespace, sink: tuple[Sink, int]) -> None:
     box, port = sink
     box.mail_reply = "451 4.3.2 System busy"
