@@ -1110,6 +1110,7 @@ class OutboundWorker:
                         client, reply = await self._relay_connect(host, port)
                         if client is None:
                             report.left[msg.qid] = reply
+                            await self.queue.release(qid, self.owner, self.clock(), msg.next_attempt)
                             break
                     why = await self._relay_one(client, host, msg)
                     if why is None and await self.queue.complete(qid, self.owner):

@@ -731,6 +731,24 @@ async def test_flush_and_drain_to_another_server(env: SimpleNamespace, sink: tup
     ]
 
 
+async def test_drain_to_an_unreachable_server_leaves_the_queue_as_it_was(env: SimpleNamespace) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    a = await env.queue.enqueue("alice@example.org", ["x@a.test"], body(), now=env.clock() + 60)
+    b = await env.queue.enqueue("alice@example.org", ["y@b.test"], body(), now=env.clock())
+    report = await relay_queue(env.storage, env.queue, OutboundSettings(hostname="mx.test"), f"127.0.0.1:{dead}",
+                               clock=env.clock)
+    assert report.relayed == 0 and set(report.left) == {a.qid, b.qid}
+    assert any(why.startswith("451 4.4.1") for why in report.left.values())
+    for before in (a, b):
+        after = await env.queue.show(before.id)
+        assert not after.lease_owner and after.attempts == 0
+        assert after.next_attempt == pytest.approx(before.next_attempt, abs=0.001)
+
+
 async def test_drain_relays_whole_messages_and_leaves_queue_state_alone(
     env: SimpleNamespace, sink: tuple[Sink, int], tmp_path: Path
 ) -> None:
