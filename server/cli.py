@@ -120,13 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.set_defaults(handler=cmd_queue_delete)
     for verb in ("pause", "resume"):
-        p = queue.add_parser(verb, parents=[common], help=f"{verb} delivery to DOMAIN (default: everything)")
+        p = queue.add_parser(verb, parents=[common], help=f"{verb} delivery to DOMAIN (default: everything)"
+                             + (" and make held mail due now" if verb == "resume" else ""))
         p.add_argument("domain", nargs="?")
         p.set_defaults(handler=cmd_queue_pause if verb == "pause" else cmd_queue_resume)
     p = queue.add_parser("flush", parents=[common], help="deliver everything due now from this process")
     p.set_defaults(handler=cmd_queue_flush)
-    p = queue.add_parser("drain", parents=[common], help="relay every queued message (paused, backed off or not) to another server, one "
-                         "transaction each, dropping it once accepted; exit 1 if any stay")
+    p = queue.add_parser(
+        "drain", parents=[common],
+        help="relay every queued message (paused, backed off or not) to another server, one transaction each, "
+             "dropping it once accepted; exit 1 if any stay",
+    )
     p.add_argument("--to", required=True, metavar="HOST:PORT")
     p.set_defaults(handler=cmd_queue_drain)
 
