@@ -3,7 +3,9 @@
 Layout (``storage.keys``, subspace ``"q"``): one record per message with the
 envelope sender, the blob of the body, times and attempts; one record per
 recipient with its status (``pending``, ``deferred``, ``delivered``,
-``failed``), last reply and attempts; a due-time index; a lease per message.
+``failed``), last reply and attempts; a due-time index; a lease per message;
+a count of the messages, kept by atomic adds where they are written and
+removed (so it never conflicts), for ``/metrics``.
 
 The due index holds every live message exactly once, at the time it next
 needs attention: its next attempt when nobody holds it, the expiry of its
