@@ -423,10 +423,6 @@ class SubmissionHandler:
         )
         return f"250 2.0.0 OK queued as {queued.qid if queued else queue_id}"
 
-    async def handle_exception(self, error: Exception) -> str:
-        log.error("submission session error: %r", error)
-        return "421 4.3.0 Internal error, closing connection"
-
     async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
         return False
 
