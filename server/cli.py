@@ -218,7 +218,7 @@ async def _invalidate(s: Storage, cfg: configmod.Config, scope: str = "directory
 
 # -- commands ------------------------------------------------------------------
 
-async def _serve(node: Node) -> None:
+async def _serve(node: Node, on_ready: Callable[[], None] | None = None) -> None:
     """Run the node; once it is up, move everything start-up created (modules,
     classes, functions: about 45,000 objects) out of the garbage collector's
     sight, so full collections walk only what serving creates and pause the
@@ -228,41 +228,62 @@ async def _serve(node: Node) -> None:
     waiter = asyncio.create_task(ready.wait())
     await asyncio.wait({run, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if ready.is_set():
+        if on_ready is not None:
+            on_ready()
         gc.collect()
         gc.freeze()
     waiter.cancel()
     await run
 
 
+def _banner(args: argparse.Namespace, cfg: configmod.Config, listen: dict[str, str]) -> str:
+    """What is listening, and how to add an account and connect, with
+    commands that work on a fresh machine (Python's own clients)."""
+    data = f"--data {cfg.data_dir}" if not getattr(args, "config", None) else f"--config {args.config}"
+    lines = ["Rookery node ready"]
+    lines += [f"  {name:<12} {addr}" for name, addr in listen.items()]
+    lines += [f"  store        {cfg.store.backend} ({cfg.data_dir})", "", "Add a domain and an account (in another terminal):",
+              f"  .venv/bin/rookery {data} domain add example.org",
+              f"  echo secret | .venv/bin/rookery {data} account add alice@example.org --password-stdin"]
+    if "smtp" in listen:
+        host, _, port = listen["smtp"].rpartition(":")
+        lines += ["Send a message:",
+                  f"  python3 -c \"import smtplib; smtplib.SMTP('{host}', {port}).sendmail('bob@example.net', "
+                  "['alice@example.org'], b'Subject: hi\\r\\n\\r\\nhello\\r\\n')\""]
+    if "imap" in listen:
+        host, _, port = listen["imap"].rpartition(":")
+        lines += ["Read it over IMAP (any mail client; plaintext login is allowed from loopback):",
+                  f"  python3 -c \"import imaplib; m = imaplib.IMAP4('{host}', {port}); m.login('alice@example.org', 'secret'); "
+                  "m.select(); print(m.fetch('1:*', '(BODY[HEADER.FIELDS (SUBJECT)])'))\""]
+    lines.append(f"Or list it:  .venv/bin/rookery {data} mail list alice@example.org")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_serve(args: argparse.Namespace, cfg: configmod.Config) -> int:
     logs.setup(cfg.log.level, cfg.log.format)
     listen = {k: v for k, v in cfg.listen.items() if v}
     if not listen:
-        print("rookery: no listener enabled; set [listen] smtp/imap/http/... in the config", file=sys.stderr)
+        print(
+            "rookery: no listener enabled; set [listen] smtp/imap/http/... in the config "
+            "(e.g. --config deploy/dev.toml) or by environment (ROOKERY_LISTEN_SMTP=127.0.0.1:2525)",
+            file=sys.stderr,
+        )
         return 2
     if cfg.listen.cluster and not cfg.cluster.secret:
         # Checked before anything starts (the node would refuse it too).
         print("rookery: config: [cluster] secret is required when [listen] cluster is set", file=sys.stderr)
         return 2
-    data = f"--data {cfg.data_dir}" if not getattr(args, "config", None) else f"--config {args.config}"
-    print(
-        "Rookery node starting\n"
-        + "".join(f"  {name:<12} {addr}\n" for name, addr in listen.items())
-        + f"  store        {cfg.store.backend} ({cfg.data_dir})\n\n"
-        "Add a domain and an account (in another terminal):\n"
-        f"  .venv/bin/rookery {data} domain add example.org\n"
-        f"  echo secret | .venv/bin/rookery {data} account add alice@example.org --password-stdin\n"
-        + (
-            f"Send mail:  swaks --server {listen['smtp']} --to alice@example.org  (or python3 -m smtplib)\n"
-            if "smtp" in listen
-            else ""
-        )
-        + f"Read mail:  .venv/bin/rookery {data} mail list alice@example.org\n",
-        flush=True,
-    )
     node = Node(cfg)
+
+    def ready() -> None:
+        # The addresses bound, so a port 0 in the config shows as the real one.
+        state = node.state
+        assert state is not None
+        bound = {k: f"{v.rpartition(':')[0]}:{state.ports.get(k, v.rpartition(':')[2])}" for k, v in listen.items()}
+        print(_banner(args, cfg, bound), flush=True)
+
     try:
-        asyncio.run(_serve(node))
+        asyncio.run(_serve(node, ready))
     except KeyboardInterrupt:
         pass
     return 0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from helpers import rookery
+from helpers import ROOT, rookery
 
 
 def test_domain_account_alias_lifecycle(tmp_path: Path) -> None:
@@ -134,3 +136,39 @@ def test_dkim_generate_prints_the_record_and_stores_the_key(tmp_path: Path) -> N
     assert replaced != record and rookery("dkim", "show", "example.org", data=data).stdout.strip() == replaced
     unknown = rookery("dkim", "generate", "other.test", data=data, check=False)
     assert unknown.returncode == 1 and "not hosted" in unknown.stderr
+
+
+def test_serve_banner_commands_work_as_printed(tmp_path: Path) -> None:
+    """What `rookery serve` prints once ready is what a newcomer runs: the
+    printed CLI lines add an account, the printed Python lines send a message
+    and read it over IMAP, with the ports really bound (the config says 0)."""
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\nhostname = "localhost"\n'
+        '[listen]\nsmtp = "127.0.0.1:0"\nimap = "127.0.0.1:0"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--config", str(config)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = []
+        for line in proc.stdout:
+            banner.append(line.strip())
+            if line.startswith("Or list it:"):
+                break
+        assert not any(line.endswith(":0") for line in banner), banner
+        for line in banner:
+            if line.startswith(".venv/bin/rookery ") or line.startswith("echo secret | .venv/bin/rookery "):
+                command = line.replace(".venv/bin/rookery", f"{sys.executable} -m server.cli")
+                subprocess.run(command, shell=True, cwd=ROOT, check=True, capture_output=True, timeout=60)
+        python_lines = [line for line in banner if line.startswith("python3 -c ")]
+        assert len(python_lines) == 2
+        for line in python_lines:
+            out = subprocess.run(line.replace("python3", sys.executable, 1), shell=True, capture_output=True,
+                                 text=True, timeout=60, check=True)
+        assert "Subject: hi" in out.stdout
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
