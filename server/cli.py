@@ -564,6 +564,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RookeryError as exc:
         print(f"rookery: {exc.text}", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as exc:
+        # Bad values given on the command line or found on disk: a message,
+        # not a traceback.
+        print(f"rookery: error: {exc}", file=sys.stderr)
+        return 1
     return code
 
 

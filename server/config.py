@@ -44,7 +44,13 @@ def _size(value: Any) -> int:
     for suffix, mult in (("K", 1024), ("M", 1024**2), ("G", 1024**3)):
         if text.endswith(suffix):
             text, factor = text[:-1], mult
-    return int(float(text) * factor)
+    try:
+        size = int(float(text) * factor)
+    except ValueError:
+        raise ValueError(f"not a size: {value!r} (bytes, or with K, M or G: 500M, 2G)") from None
+    if size < 0:
+        raise ValueError(f"not a size: {value!r} (negative)")
+    return size
 
 
 def _list(value: Any) -> tuple[str, ...]:

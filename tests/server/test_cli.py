@@ -46,11 +46,17 @@ def test_bad_input_gives_clear_errors_and_nonzero_exit(tmp_path: Path) -> None:
         (("alias", "add", "x@example.org", "ghost@example.org"), "no account"),
         (("domain", "remove", "example.org"), "still has accounts"),
         (("mail", "list", "alice@example.org", "--mailbox", "Nope"), "does not exist"),
+        (("account", "add", "erin@example.org", "--password", "pw", "--quota", "1Q"), "not a size"),
+        (("--set", "store.backend=bogus", "domain", "list"), "unknown store backend"),
     ]
     for args, message in cases:
         result = rookery(*args, data=data, check=False)
         assert result.returncode == 1, (args, result.stdout, result.stderr)
         assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr, (args, result.stderr)
+    (tmp_path / "file").write_text("")  # a data directory that cannot be made
+    unwritable = rookery("domain", "list", data=tmp_path / "file" / "data", check=False)
+    assert unwritable.returncode == 1 and "Traceback" not in unwritable.stderr, unwritable.stderr
     usage = rookery("account", "frobnicate", data=data, check=False)
     assert usage.returncode == 2
 
