@@ -99,6 +99,9 @@ def get_account(tr: ReadTransaction, acct: int) -> Account | None:
     return None if raw is None else _account_from(raw)[0]
 
 
+#: The reserved local part every domain must take mail for (RFC 5321 §4.5.1).
+POSTMASTER = "postmaster"
+
 def resolve_address(tr: ReadTransaction, address: str) -> int:
     """The account that receives mail for ``address`` (normalized).
 
@@ -224,6 +227,12 @@ class Directory:
             account = Account(acct, email, quota, created)
             tr.set(keys.account(acct), _account_value(account, password_hash))
             tr.set(keys.address(email), str(acct).encode())
+            # RFC 5321 §4.5.1: every domain takes mail for postmaster. Its
+            # first account gets it as a plain alias, which the admin sees
+            # in ``alias list`` and may point elsewhere.
+            postmaster = keys.address(f"{POSTMASTER}@{domain_name}")
+            if tr.get(postmaster) is None:
+                tr.set(postmaster, str(acct).encode())
             _bump(tr)
             if self.on_account_created is not None:
                 self.on_account_created(tr, account)
@@ -290,10 +299,18 @@ class Directory:
         """Remove an account, its addresses and (through ``on_remove``) its data."""
         account = await self.get(email)
 
+        domain_name = account.email.rpartition("@")[2]
+        postmaster = keys.address(f"{POSTMASTER}@{domain_name}")
+
         def fn(tr: Transaction) -> None:
+            others: list[int] = []
             for k, v in tr.get_range(*keys.ADDRESSES):
                 if int(v) == account.id:
                     tr.clear(k)
+                elif keys.unpack(k)[2].endswith("@" + domain_name):
+                    others.append(int(v))
+            if tr.get(postmaster) is None and others:
+                tr.set(postmaster, str(min(others)).encode())  # postmaster moves on (RFC 5321 §4.5.1)
             for k, v in tr.get_range(*keys.prefix_range(("d", "catchall"))):
                 if int(v) == account.id:
                     tr.clear(k)

@@ -18,7 +18,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from storage import LocalRecipient, Storage
-from storage.directory import normalize_address
+from storage.directory import POSTMASTER, normalize_address
 from storage.errors import InvalidInput, RookeryError
 
 log = logging.getLogger("rookery.smtp")
@@ -103,6 +103,8 @@ class InboundHandler:
             return TOO_MANY_RECIPIENTS
         if not address.isascii() and not envelope.smtp_utf8:
             return NEEDS_SMTPUTF8
+        if address.lower() == POSTMASTER:  # no domain needed (RFC 5321 §4.5.1)
+            address = await self._postmaster()
         try:
             normalized = normalize_address(address)
         except InvalidInput:
@@ -119,6 +121,16 @@ class InboundHandler:
         envelope.rcpt_options.extend(rcpt_options)
         getattr(envelope, "rcpt_local", []).append(recipient)
         return OK_RCPT
+
+    async def _postmaster(self) -> str:
+        """postmaster of this host's domain if it is hosted, else of the first
+        hosted domain (``postmaster`` itself, refused, if none is)."""
+        domains = await self.storage.directory.list_domains()
+        labels = self.hostname.lower().split(".")
+        for i in range(len(labels)):
+            if ".".join(labels[i:]) in domains:
+                return f"{POSTMASTER}@{'.'.join(labels[i:])}"
+        return f"{POSTMASTER}@{domains[0]}" if domains else POSTMASTER
 
     def trace_headers(self, session: Session, envelope: Envelope, server: SMTP, queue_id: str) -> bytes:
         """Return-Path: and Received: (RFC 5321 §4.4)."""

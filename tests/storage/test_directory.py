@@ -44,8 +44,13 @@ async def test_failed_logins_are_limited_per_ip(storage: Storage) -> None:
 async def test_resolution_of_aliases_catchall_and_subaddress(storage: Storage) -> None:
     alice = await make_account(storage, "alice@example.org")
     bob = await make_account(storage, "bob@example.org")
-    await storage.directory.add_alias("postmaster@example.org", "alice@example.org")
+    await storage.directory.add_alias("info@example.org", "alice@example.org")
+    assert await storage.directory.resolve("info@example.org") == alice
+    # postmaster (RFC 5321 §4.5.1) came with the domain's first account, as an alias that can be moved.
     assert await storage.directory.resolve("postmaster@example.org") == alice
+    await storage.directory.remove_alias("postmaster@example.org")
+    await storage.directory.add_alias("postmaster@example.org", "bob@example.org")
+    assert await storage.directory.resolve("postmaster@example.org") == bob
     assert await storage.directory.resolve("bob+news@example.org") == bob
     with pytest.raises(UnknownUser):
         await storage.directory.resolve("carol@example.org")

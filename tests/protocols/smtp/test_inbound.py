@@ -422,3 +422,20 @@ async def test_a_store_failure_at_rcpt_is_temporary_and_the_session_goes_on(
     first, second = await asyncio.to_thread(run)
     assert first[0] == 451 and first[1].startswith(b"4.3.0"), first
     assert second[0] == 250
+
+
+async def test_postmaster_is_always_taken(node: ServerState) -> None:
+    """RFC 5321 §4.5.1: postmaster@ every hosted domain, and bare <Postmaster>,
+    are accepted; the domain's first account has it until an admin moves it,
+    and it moves on when that account goes."""
+
+    def send(rcpt: str) -> dict[str, tuple[int, bytes]]:
+        with client(node) as s:
+            return s.sendmail("x@remote.test", [rcpt], MESSAGE)
+
+    assert await asyncio.to_thread(send, "PostMaster@example.org") == {}
+    assert await asyncio.to_thread(send, "Postmaster") == {}  # smtplib sends <Postmaster>
+    assert len(await inbox(node, "alice@example.org")) == 2
+    await node.storage.remove_account("alice@example.org")
+    assert await asyncio.to_thread(send, "postmaster@example.org") == {}
+    assert len(await inbox(node, "bob@example.org")) == 1
