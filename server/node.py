@@ -106,7 +106,10 @@ def open_storage(config: Config) -> Storage:
     if config.store.backend == "embedded":
         options: dict[str, object] = {"data_dir": config.data_dir, "inject_conflicts": config.store.inject_conflicts}
     elif config.store.backend == "foundationdb":
-        options = {"cluster_file": config.store.cluster_file}
+        options = {
+            "cluster_file": config.store.cluster_file, "api_version": config.store.api_version,
+            "retry_limit": config.store.retry_limit, "timeout_ms": int(config.store.timeout * 1000),
+        }
     else:
         options = {"data_dir": config.data_dir}
     return Storage.open(

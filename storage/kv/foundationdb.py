@@ -206,6 +206,9 @@ class _ScanCursor:
         self.fresh = True
 
 
+#: The cluster file a FoundationDB client uses when none is named (Linux).
+DEFAULT_CLUSTER_FILE = "/etc/foundationdb/fdb.cluster"
+
 class FoundationDBDatabase:
     """The KV contract on a FoundationDB cluster.
 
@@ -236,6 +239,8 @@ class FoundationDBDatabase:
     ) -> None:
         if api_version < MIN_API_VERSION:
             raise ValueError(f"FoundationDB API version must be at least {MIN_API_VERSION}")
+        # Empty: where FoundationDB's own tools look (FDB_CLUSTER_FILE, then the default path).
+        cluster_file = cluster_file or os.environ.get("FDB_CLUSTER_FILE") or DEFAULT_CLUSTER_FILE
         if not os.path.isfile(cluster_file):
             raise StoreUnavailable(f"FoundationDB cluster file {cluster_file!r} not found")
         self._fdb = _load_fdb(api_version)

@@ -62,3 +62,19 @@ def test_describe_lists_every_option_and_parses_back(tmp_path: Path) -> None:
     path = tmp_path / "all.toml"
     path.write_text(text)
     assert configmod.load(path, environ={}).as_dict() == configmod.load(None, environ={}).as_dict()
+
+
+def test_foundationdb_settings_come_from_config_and_an_empty_cluster_file_means_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.node import open_storage
+    from storage.kv.base import StoreUnavailable
+
+    env = {"ROOKERY_STORE_BACKEND": "foundationdb", "ROOKERY_STORE_RETRY_LIMIT": "7", "ROOKERY_STORE_TIMEOUT": "2.5"}
+    cfg = configmod.load(None, environ=env, overrides={"server.data_dir": str(tmp_path)})
+    assert (cfg.store.retry_limit, cfg.store.timeout, cfg.store.api_version) == (7, 2.5, 730)
+    # No cluster file named: FoundationDB's own FDB_CLUSTER_FILE decides (missing here, so a clear error).
+    missing = tmp_path / "nowhere" / "fdb.cluster"
+    monkeypatch.setenv("FDB_CLUSTER_FILE", str(missing))
+    with pytest.raises(StoreUnavailable, match=str(missing)):
+        open_storage(cfg)
