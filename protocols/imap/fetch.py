@@ -172,19 +172,46 @@ class Renderer:
         with_modseq: bool,
         flags_changed: bool = False,
     ) -> bytes:
-        if all(i.name in SIMPLE_ITEMS for i in items):
+        content = await self.content(msg, email, items)
+        return self.assemble(seq, msg, items, content, with_uid=with_uid, with_modseq=with_modseq, flags_changed=flags_changed)
+
+    async def content(self, msg: Message, email: Email | None, items: Sequence[FetchItem]) -> dict[int, bytes]:
+        """The items that come from the message's content (everything but
+        :data:`SIMPLE_ITEMS`), by their index in ``items``. Raises
+        :class:`FetchError`: a FETCH renders all content before it changes
+        any flag, so that a failing one changes nothing (RFC 9051 §6.4.5)."""
+        out: dict[int, bytes] = {}
+        for i, item in enumerate(items):
+            if item.name not in SIMPLE_ITEMS:
+                out[i] = await self._item(msg, email, item)
+        return out
+
+    @staticmethod
+    def assemble(
+        seq: int,
+        msg: Message,
+        items: Sequence[FetchItem],
+        content: dict[int, bytes],
+        *,
+        with_uid: bool,
+        with_modseq: bool,
+        flags_changed: bool = False,
+    ) -> bytes:
+        """One FETCH response: ``content`` from :meth:`content`, the record
+        items (FLAGS, MODSEQ...) from ``msg`` as it is now."""
+        if not content:
             return render_record(seq, msg, items, with_uid=with_uid, with_modseq=with_modseq, flags_changed=flags_changed)
         out: list[bytes] = []
         names: set[str] = set()
         if with_uid:
             out.append(b"UID %d" % msg.uid)
             names.add("UID")
-        for item in items:
+        for i, item in enumerate(items):
             if item.name in ("UID", "FLAGS", "MODSEQ") and item.name in names:
                 continue
             names.add(item.name)
             simple = _simple(msg, item.name)
-            out.append(simple if simple is not None else await self._item(msg, email, item))
+            out.append(simple if simple is not None else content[i])
         if flags_changed and "FLAGS" not in names:
             out.append(b"FLAGS " + r.encode_flags(msg.flags))
         if with_modseq and "MODSEQ" not in names:

@@ -628,36 +628,35 @@ class ImapSession:
         msgs = [(seq, m) for seq, uid in pairs if (m := sel.msg(uid)) is not None]
         if cmd.changedsince is not None:
             msgs = [(s, m) for s, m in msgs if m.modseq > cmd.changedsince]
+        # Content first, flags after: a FETCH that fails part way (a missing
+        # section, say) answers NO and must leave \Seen alone, or the client
+        # would never learn of a flag change it caused (RFC 9051 §6.4.5).
+        contents: list[tuple[int, Message, dict[int, bytes]]] = []
+        if names <= SIMPLE_ITEMS:
+            contents = [(seq, msg, {}) for seq, msg in msgs]
+        else:
+            emails: dict[int, Email] = {}
+            if needs_email(cmd.items) and msgs:
+                emails = await self.storage.mail.emails(acct, [m.email_id for _, m in msgs])
+            for seq, msg in msgs:
+                email = emails.get(msg.email_id)
+                if email is None and needs_email(cmd.items):
+                    continue  # expunged meanwhile by another session: nothing to show
+                contents.append((seq, msg, await self.renderer.content(msg, email, cmd.items)))
         seen_changed: set[int] = set()
         if sets_seen(cmd.items) and not sel.readonly:
-            unseen = [m.uid for _, m in msgs if "\\Seen" not in m.flags]
+            unseen = [m.uid for _, m, _ in contents if "\\Seen" not in m.flags]
             if unseen:
                 changed, _ = await self.storage.mail.store_flags(acct, sel.mailbox.id, unseen, "add", ["\\Seen"])
                 sel.note_own(changed)
                 seen_changed = {m.uid for m in changed}
-                msgs = [(s, sel.msg(m.uid) or m) for s, m in msgs]
-        emails: dict[int, Email] = {}
-        if needs_email(cmd.items) and msgs:
-            emails = await self.storage.mail.emails(acct, [m.email_id for _, m in msgs])
+                contents = [(s, sel.msg(m.uid) or m, body) for s, m, body in contents]
         with_modseq = cmd.changedsince is not None or (self.condstore and bool(seen_changed))
-        if names <= SIMPLE_ITEMS:
-            # Items from the message record alone: no await per message.
-            lines += [
-                render_record(seq, msg, cmd.items, with_uid=cmd.uid, with_modseq=with_modseq,
-                              flags_changed=msg.uid in seen_changed)
-                for seq, msg in msgs
-            ]
-            msgs = []
-        for seq, msg in msgs:
-            email = emails.get(msg.email_id)
-            if email is None and needs_email(cmd.items):
-                continue  # expunged meanwhile by another session: nothing to show
-            lines.append(
-                await self.renderer.render(
-                    seq, msg, email, cmd.items, with_uid=cmd.uid, with_modseq=with_modseq,
-                    flags_changed=msg.uid in seen_changed,
-                )
-            )
+        lines += [
+            self.renderer.assemble(seq, msg, cmd.items, body, with_uid=cmd.uid, with_modseq=with_modseq,
+                                   flags_changed=msg.uid in seen_changed)
+            for seq, msg, body in contents
+        ]
         lines += await self.updates("FETCH", cmd.uid)
         return lines + [r.tagged(cmd.tag, "OK", None, "FETCH completed")]
 

@@ -1841,3 +1841,30 @@ async def test_a_finished_session_is_freed_without_the_garbage_collector(node: N
         gc.set_debug(0)
         gc.garbage.clear()
     assert leaked == []
+
+
+async def test_fetch_that_fails_part_way_sets_no_flags(node: Node) -> None:
+    # Message 1 has a part 2, message 2 (one text part) has none.
+    await node.seed(node.alice, MULTIPART, simple(2))
+
+    def go() -> tuple[bytes, list[bytes], list[bytes], bytes, list[bytes]]:
+        with wire(node) as w, wire(node) as other:
+            w.login()
+            other.login()
+            w.ok("SELECT INBOX")
+            other.ok("SELECT INBOX")
+            _, failed = w.cmd("FETCH 1:2 (FLAGS BODY[2])")
+            own = w.ok("FETCH 1:2 FLAGS")
+            seen_by_other = other.ok("FETCH 1:2 FLAGS")
+            _, good = w.cmd("FETCH 1 (BODY[2])")
+            after = w.ok("FETCH 1:2 FLAGS")
+            return failed, own, seen_by_other, good, after
+
+    failed, own, seen_by_other, good, after = await run(go)
+    assert status_word(failed) == b"NO" and code(failed) == b"NONEXISTENT"
+    # Neither message was marked \Seen, for this session or any other.
+    assert fetch_lines(own) == [b"* 1 FETCH (FLAGS ())\r\n", b"* 2 FETCH (FLAGS ())\r\n"]
+    assert fetch_lines(seen_by_other) == [b"* 1 FETCH (FLAGS ())\r\n", b"* 2 FETCH (FLAGS ())\r\n"]
+    # A FETCH that succeeds still sets it, and only on the message it read.
+    assert status_word(good) == b"OK"
+    assert fetch_lines(after) == [b"* 1 FETCH (FLAGS (\\Seen))\r\n", b"* 2 FETCH (FLAGS ())\r\n"]
