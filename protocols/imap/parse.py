@@ -127,6 +127,9 @@ class ParseError(Exception):
         super().__init__(message)
         self.tag = tag
         self.message = message
+        #: A SEARCH that asked for RETURN (SAVE): RFC 5182 §2.1 has a failed
+        #: one (BAD or NO) reset the saved result '$' to empty.
+        self.resets_saved = False
 
 
 class UnsupportedCharset(ParseError):
@@ -1088,12 +1091,16 @@ def _store(r: _Reader, uid: bool) -> Command:
     return Store(_tag(r), uid, seqset, mode, silent, flags, unchangedsince)
 
 
-def _return_opts(r: _Reader) -> tuple[str, ...]:
+def _return_opts(r: _Reader, seen: list[str] | None = None) -> tuple[str, ...]:
+    """``seen`` collects the options read so far, for the caller to see
+    what was asked for even when a later one is invalid."""
     # RFC 4731 §3: "RETURN ()" means "RETURN (ALL)".
     def opt() -> str:
         name = r.keyword()
         if name not in _SEARCH_RETURN:
             raise r.error("Unknown RETURN option")
+        if seen is not None:
+            seen.append(name.decode("ascii"))
         return name.decode("ascii")
 
     opts = r.paren_list(opt, allow_empty=True)
@@ -1114,11 +1121,20 @@ def _set_charset(r: _Reader, raw: bytes) -> str:
 
 def _search(r: _Reader, uid: bool) -> Command:
     r.sp()
+    seen: list[str] = []
+    try:
+        return _search_rest(r, uid, seen)
+    except ParseError as exc:
+        exc.resets_saved = "SAVE" in seen
+        raise
+
+
+def _search_rest(r: _Reader, uid: bool, seen: list[str]) -> Command:
     return_opts = None
     if r.peek_keyword() == b"RETURN":
         r.keyword()
         r.sp()
-        return_opts = _return_opts(r)
+        return_opts = _return_opts(r, seen)
         r.sp()
     charset = None
     if r.peek_keyword() == b"CHARSET":

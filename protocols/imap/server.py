@@ -166,10 +166,12 @@ class ImapConnection:
                     continue
                 try:
                     cmd = parse_command(data)
-                except UnsupportedCharset as exc:
-                    await self.write(r.tagged(exc.tag or b"*", "NO", b"BADCHARSET (UTF-8 US-ASCII)", exc.message))
-                    continue
                 except ParseError as exc:
+                    if exc.resets_saved:
+                        session.saved = []
+                    if isinstance(exc, UnsupportedCharset):
+                        await self.write(r.tagged(exc.tag or b"*", "NO", b"BADCHARSET (UTF-8 US-ASCII)", exc.message))
+                        continue
                     session.bad_commands += 1
                     if exc.tag is None:
                         await self.write(r.untagged_status("BAD", None, exc.message))

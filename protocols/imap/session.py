@@ -583,20 +583,13 @@ class ImapSession:
         sel = self._select_state()
         if sel.readonly:
             return [r.tagged(cmd.tag, "NO", b"READ-ONLY", "Mailbox is read-only")]
-        uids = None if cmd.seqset is None else [u for _, u in sel.resolve(cmd.seqset, True)]
+        uids = None if cmd.seqset is None else [u for _, u in self._pairs(cmd.seqset, True)]
         gone = await self.storage.mail.expunge(self._acct(), sel.mailbox.id, uids)
         sel.pending_expunge.update(u for u in gone if sel.has(u))
         self.last_poll = 0.0
         lines = await self.updates("EXPUNGE", True)
         lines += sel.flush_expunges(self.qresync)
         return lines + [r.tagged(cmd.tag, "OK", None, "EXPUNGE completed")]
-
-    def _seqset(self, seqset: c.SequenceSet) -> c.SequenceSet:
-        if seqset.saved:
-            # SEARCHRES '$' (RFC 5182 §2.1): the UIDs saved by SEARCH RETURN (SAVE).
-            saved = self.saved or []
-            return c.SequenceSet(tuple((u, u) for u in saved)) if saved else c.SequenceSet(())
-        return seqset
 
     def _pairs(self, seqset: c.SequenceSet, uid: bool) -> list[tuple[int, int]]:
         sel = self._select_state()
@@ -615,7 +608,11 @@ class ImapSession:
             if not self.qresync:
                 return [r.tagged(cmd.tag, "BAD", None, "VANISHED needs QRESYNC enabled")]
             changes = await self.storage.mail.changes(acct, sel.mailbox.id, cmd.changedsince)
-            vanished = [u for u in changes.expunged if cmd.seqset.saved or cmd.seqset.contains(u, sel.max_uid)]
+            saved = set(self.saved or ())
+            vanished = [
+                u for u in changes.expunged
+                if (u in saved if cmd.seqset.saved else cmd.seqset.contains(u, sel.max_uid))
+            ]
             if vanished:
                 lines.append(r.untagged(b"VANISHED (EARLIER)", r.encode_seqset(vanished)))
         names = {i.name for i in cmd.items}
@@ -742,7 +739,14 @@ class ImapSession:
 
     async def do_SEARCH(self, cmd: c.Search) -> list[bytes]:
         source = _Source(self)
-        found = await self._search(cmd.key, source)
+        try:
+            found = await self._search(cmd.key, source)
+        except BaseException:
+            if cmd.return_opts is not None and "SAVE" in cmd.return_opts:
+                # RFC 5182 §2.1: a SEARCH ... RETURN (SAVE) that fails leaves
+                # '$' empty, not holding an older result.
+                self.saved = []
+            raise
         ids = [m.msg.uid if cmd.uid else m.seq for m in found]
         modseq = max((m.msg.modseq for m in found), default=None) if searching.uses_modseq(cmd.key) else None
         if modseq is not None:

@@ -1868,3 +1868,50 @@ async def test_fetch_that_fails_part_way_sets_no_flags(node: Node) -> None:
     # A FETCH that succeeds still sets it, and only on the message it read.
     assert status_word(good) == b"OK"
     assert fetch_lines(after) == [b"* 1 FETCH (FLAGS (\\Seen))\r\n", b"* 2 FETCH (FLAGS ())\r\n"]
+
+
+async def test_searchres_saved_result_in_fetch_and_uid_expunge(node: Node) -> None:
+    uids = await node.seed(node.alice, *(simple(i) for i in range(1, 6)))
+
+    def go() -> tuple[list[bytes], list[bytes], list[bytes], bytes, list[bytes]]:
+        with wire(node) as w:
+            w.login()
+            w.ok("SELECT INBOX")
+            saved = w.ok("SEARCH RETURN (SAVE) OR SUBJECT \"Message 2\" SUBJECT \"Message 4\"")
+            fetched = w.ok("FETCH $ (UID)")
+            w.ok("STORE $ +FLAGS.SILENT (\\Deleted)")
+            expunged = w.ok("UID EXPUNGE $")
+            _, done = w.cmd("UID SEARCH ALL")
+            left = w.ok("UID SEARCH ALL")
+            return saved, fetched, expunged, done, left
+
+    saved, fetched, expunged, _, left = await run(go)
+    assert saved == []  # RETURN (SAVE) alone sends no ESEARCH (RFC 5182 §2.4)
+    assert fetched == [b"* 2 FETCH (UID %d)\r\n" % uids[1], b"* 4 FETCH (UID %d)\r\n" % uids[3]]
+    assert expunged == [b"* 4 EXPUNGE\r\n", b"* 2 EXPUNGE\r\n"]
+    assert left == [b"* SEARCH %d %d %d\r\n" % (uids[0], uids[2], uids[4])]
+
+
+async def test_failed_search_save_empties_the_saved_result(node: Node) -> None:
+    await node.seed(node.alice, *(simple(i) for i in range(1, 4)))
+
+    def go() -> list[tuple[bytes, list[bytes]]]:
+        out = []
+        with wire(node) as w:
+            w.login()
+            w.ok("SELECT INBOX")
+            # A failure of each kind, each after a good save: a charset we
+            # cannot decode (NO, raised by the parser) and a syntax error (BAD).
+            for bad in ("SEARCH RETURN (SAVE) CHARSET X-NO-SUCH ALL", "SEARCH RETURN (SAVE) NOSUCHKEY"):
+                w.ok("SEARCH RETURN (SAVE) ALL")
+                before = w.ok("FETCH $ (FLAGS)")
+                _, tagged = w.cmd(bad)
+                after = w.ok("FETCH $ (FLAGS)")
+                out += [(tagged, before), (tagged, after)]
+        return out
+
+    (nocharset, before1), (_, after1), (syntax, before2), (_, after2) = await run(go)
+    assert status_word(nocharset) == b"NO" and code(nocharset).startswith(b"BADCHARSET")
+    assert status_word(syntax) == b"BAD"
+    assert len(fetch_lines(before1)) == 3 and len(fetch_lines(before2)) == 3
+    assert after1 == [] and after2 == []

@@ -654,6 +654,24 @@ def test_unsupported_charset_is_no_not_bad(charset: bytes) -> None:
         parse_command(b"t1 SORT (DATE) " + charset + b" ALL")
 
 
+@pytest.mark.parametrize(
+    ("line", "resets"),
+    [
+        (b"t1 SEARCH RETURN (SAVE) CHARSET X-UNKNOWN ALL", True),
+        (b"t1 SEARCH RETURN (MIN SAVE) NOSUCHKEY", True),
+        (b"t1 UID SEARCH RETURN (SAVE BOGUS) ALL", True),
+        (b"t1 SEARCH RETURN (MIN) NOSUCHKEY", False),
+        (b"t1 SEARCH NOSUCHKEY", False),
+        (b"t1 FETCH $ NOSUCHITEM", False),
+    ],
+)
+def test_failed_search_save_is_marked_to_reset_the_saved_result(line: bytes, resets: bool) -> None:
+    # RFC 5182 §2.1: the session empties '$' when such a command fails.
+    with pytest.raises(ParseError) as info:
+        parse_command(line)
+    assert info.value.resets_saved is resets
+
+
 def test_search_depth_limit_allows_reasonable_nesting() -> None:
     cmd = parse_command(b"a SEARCH " + b"(" * 50 + b"SEEN" + b")" * 50)
     assert isinstance(cmd, Search) and cmd.key == Simple("SEEN")
