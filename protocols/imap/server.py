@@ -31,6 +31,8 @@ BYE_SHUTDOWN = r.untagged_status("BYE", b"UNAVAILABLE", "Server shutting down, p
 BYE_TIMEOUT = r.untagged_status("BYE", None, "Autologout; idle for too long")
 BYE_BAD = r.untagged_status("BYE", None, "Too many invalid commands")
 BYE_BUSY = r.untagged_status("BYE", b"UNAVAILABLE", "Too many connections, try again later")
+#: An APPEND command (all its messages) may total this many APPENDLIMITs.
+MULTIAPPEND_FACTOR = 4
 
 
 @dataclass(slots=True)
@@ -114,16 +116,22 @@ class ImapConnection:
         parts = [line]
         total = 0
         verb = line.split(b" ", 2)[1].upper() if line.count(b" ") >= 1 else b""
-        limit = settings.max_append if verb == b"APPEND" else settings.max_literal
+        append = verb == b"APPEND"
+        # APPENDLIMIT is per message (RFC 7889 §3), so a MULTIAPPEND (RFC
+        # 3502) may carry several messages each up to it; the whole command
+        # is still held in memory, so it has a cap of its own.
+        limit = settings.max_append * MULTIAPPEND_FACTOR if append else settings.max_literal
         while (lit := literal_at_end(line)) is not None:
             tag = parse_tag(parts[0])
             total += lit.size
-            if total > limit:
+            if total > limit or (append and lit.size > settings.max_append):
                 if lit.nonsync:
                     # The data is already on its way; we cannot find the next
                     # command after it, so the session ends (RFC 7888 §4).
                     return _Skip(r.untagged_status("BYE", b"TOOBIG", "Literal too large"), True)
-                text = "Message exceeds APPENDLIMIT" if verb == b"APPEND" else "Literal too large"
+                text = "Literal too large"
+                if append:
+                    text = "Message exceeds APPENDLIMIT" if lit.size > settings.max_append else "MULTIAPPEND too large"
                 if tag is None:
                     return _Skip(r.untagged_status("BAD", b"TOOBIG", text), False)
                 return _Skip(r.tagged(tag, "NO" if verb == b"APPEND" else "BAD", b"TOOBIG", text), False)

@@ -1915,3 +1915,29 @@ async def test_failed_search_save_empties_the_saved_result(node: Node) -> None:
     assert status_word(syntax) == b"BAD"
     assert len(fetch_lines(before1)) == 3 and len(fetch_lines(before2)) == 3
     assert after1 == [] and after2 == []
+
+
+async def test_multiappend_limit_is_per_message(node: Node) -> None:
+    # APPENDLIMIT is 200 000 here (smtp.max_message_size); RFC 7889 §3 applies
+    # it to each message, not to the sum of a MULTIAPPEND.
+    big = [simple(i, b"x" * 150_000) for i in range(3)]
+    too_big = simple(9, b"y" * 210_000)
+
+    def go() -> tuple[bytes, bytes, bytes, list[bytes]]:
+        with wire(node) as w:
+            w.login()
+            _, three = w.cmd_literals(b"APPEND INBOX ", big[0], b" ", big[1], b" ", big[2], b"")
+            # The second message is over the limit: refused before its data.
+            w.send(b"m2 APPEND INBOX {%d}\r\n" % len(big[0]))
+            assert w.line().startswith(b"+ ")
+            w.send(big[0] + b" {%d}\r\n" % len(too_big))
+            refused = w.line()
+            _, after = w.cmd("NOOP")
+            status = w.ok("STATUS INBOX (MESSAGES)")
+            return three, refused, after, status
+
+    three, refused, after, status = await run(go)
+    assert status_word(three) == b"OK" and code(three).startswith(b"APPENDUID ") and code(three).endswith(b" 1:3")
+    assert refused.startswith(b"m2 NO [TOOBIG]")
+    assert status_word(after) == b"OK"
+    assert status == [b'* STATUS "INBOX" (MESSAGES 3)\r\n']
