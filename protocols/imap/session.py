@@ -250,7 +250,9 @@ class ImapSession:
         self.seen_version = self.sub.version
         self.last_poll = now
         changes = await self.storage.mail.changes(self.account.id, sel.mailbox.id, sel.modseq)
-        lines, new = sel.apply(changes, condstore=self.condstore, with_uid=self.qresync)
+        # RFC 7162 §3.1: once CONDSTORE is on, every FETCH a flag change
+        # causes carries UID and MODSEQ (QRESYNC implies CONDSTORE).
+        lines, new = sel.apply(changes, condstore=self.condstore, with_uid=self.condstore)
         if command not in NO_EXPUNGE or uid:
             lines += sel.flush_expunges(self.qresync)
         return lines + sel.add_new(new)
@@ -649,9 +651,12 @@ class ImapSession:
                 seen_changed = {m.uid for m in changed}
                 contents = [(s, sel.msg(m.uid) or m, body) for s, m, body in contents]
         with_modseq = cmd.changedsince is not None or (self.condstore and bool(seen_changed))
+        # RFC 7162 §3.1: with CONDSTORE on, a FETCH that set \Seen carries
+        # UID and MODSEQ for the messages it changed.
         lines += [
-            self.renderer.assemble(seq, msg, cmd.items, body, with_uid=cmd.uid, with_modseq=with_modseq,
-                                   flags_changed=msg.uid in seen_changed)
+            self.renderer.assemble(seq, msg, cmd.items, body,
+                                   with_uid=cmd.uid or (self.condstore and msg.uid in seen_changed),
+                                   with_modseq=with_modseq, flags_changed=msg.uid in seen_changed)
             for seq, msg, body in contents
         ]
         lines += await self.updates("FETCH", cmd.uid)
@@ -680,7 +685,9 @@ class ImapSession:
             if cmd.silent and not (self.condstore and uid in changed_uids):
                 continue
             items = []
-            if cmd.uid:
+            if cmd.uid or self.condstore:
+                # RFC 7162 §3.1: with CONDSTORE on, STORE's FETCH responses
+                # carry UID too, not only UID STORE's.
                 items.append(b"UID %d" % uid)
             if not cmd.silent:
                 items.append(b"FLAGS " + r.encode_flags(msg.flags))

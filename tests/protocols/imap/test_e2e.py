@@ -752,7 +752,8 @@ async def test_condstore_fetch_modseq_changedsince_unchangedsince(node: Node) ->
     modseqs = [_modseq(line) for line in o["modseqs"]]
     assert len(modseqs) == 3 and max(modseqs) == hms and all(m >= 1 for m in modseqs)
     [store] = o["store"]
-    assert store.startswith(b"* 2 FETCH (FLAGS (\\Flagged) MODSEQ (") and _modseq(store) > hms
+    # RFC 7162 §3.1: with CONDSTORE on, STORE's FETCH carries UID as well.
+    assert store.startswith(b"* 2 FETCH (UID 2 FLAGS (\\Flagged) MODSEQ (") and _modseq(store) > hms
     [changed] = o["changed"]
     assert changed.startswith(b"* 2 FETCH (FLAGS (\\Flagged) MODSEQ (")
     untagged, tagged = o["cond"]
@@ -1941,3 +1942,32 @@ async def test_multiappend_limit_is_per_message(node: Node) -> None:
     assert refused.startswith(b"m2 NO [TOOBIG]")
     assert status_word(after) == b"OK"
     assert status == [b'* STATUS "INBOX" (MESSAGES 3)\r\n']
+
+
+async def test_condstore_fetch_responses_carry_uid_and_modseq(node: Node) -> None:
+    uids = await node.seed(node.alice, simple(1), simple(2), simple(3))
+
+    def go() -> tuple[list[bytes], list[bytes], list[bytes], list[bytes]]:
+        with wire(node) as w, wire(node) as other:
+            w.login()
+            other.login()
+            w.ok("ENABLE CONDSTORE")  # CONDSTORE only, not QRESYNC
+            w.ok("SELECT INBOX")
+            other.ok("SELECT INBOX")
+            other.ok("STORE 1 +FLAGS.SILENT (\\Flagged)")
+            unsolicited = w.ok("NOOP")
+            stored = w.ok("STORE 3 +FLAGS (\\Answered)")
+            seen = w.ok("FETCH 2 (BODY[TEXT])")
+            peeked = w.ok("FETCH 2 (BODY.PEEK[TEXT])")
+            return unsolicited, stored, seen, peeked
+
+    unsolicited, stored, seen, peeked = await run(go)
+    assert len(fetch_lines(unsolicited)) == 1
+    assert re.fullmatch(rb"\* 1 FETCH \(UID %d FLAGS \(\\Flagged\) MODSEQ \(\d+\)\)\r\n" % uids[0], unsolicited[-1])
+    assert re.fullmatch(rb"\* 3 FETCH \(UID %d FLAGS \(\\Answered\) MODSEQ \(\d+\)\)\r\n" % uids[2], stored[0])
+    # The FETCH that set \Seen reports the change with UID and MODSEQ.
+    [line] = seen
+    assert line.startswith(b"* 2 FETCH (UID %d BODY[TEXT] {19}\r\nBody of message 2\r\n" % uids[1])
+    assert re.search(rb" FLAGS \(\\Seen\) MODSEQ \(\d+\)\)\r\n\Z", line)
+    # One that changed nothing is a plain answer.
+    assert peeked == [b"* 2 FETCH (BODY[TEXT] {19}\r\nBody of message 2\r\n)\r\n"]
