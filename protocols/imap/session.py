@@ -20,7 +20,7 @@ from typing import Protocol
 from storage import Storage
 from storage.directory import Account
 from storage.errors import AuthenticationFailed, InvalidInput, MailboxNotFound, RookeryError
-from storage.mail import Email, Message
+from storage.mail import Email, Mailbox, Message
 
 from ..push import PushHub, Subscription
 from . import commands as c
@@ -97,6 +97,16 @@ def _pattern(pattern: str) -> re.Pattern[str]:
         else:
             out.append(re.escape(ch))
     return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+def _attributes(box: Mailbox, names: set[str]) -> list[str]:
+    """A mailbox's LIST attributes (RFC 9051 §7.3.1, RFC 6154): children and
+    special use; ``names`` are all the account's mailboxes."""
+    prefix = box.name + DELIMITER
+    attrs = ["\\HasChildren" if any(n.startswith(prefix) for n in names) else "\\HasNoChildren"]
+    if box.special_use:
+        attrs.append(box.special_use)
+    return attrs
 
 
 def _inbox_ci(name: str) -> str:
@@ -386,6 +396,11 @@ class ImapSession:
         # mailbox nothing was ever stored in) is reported as 1, below any
         # MODSEQ a message can get (account set-up already used change 1).
         lines.append(r.untagged_status("OK", r.code_highestmodseq(max(1, sel.modseq)), "Highest"))
+        if "IMAP4REV2" in self.enabled:
+            # RFC 9051 §6.3.2: SELECT/EXAMINE send the mailbox's LIST response,
+            # its attributes accurate.
+            names = {b.name for b in await self.storage.mail.mailboxes(self._acct())}
+            lines.append(r.untagged(b"LIST", r.encode_flags(_attributes(box, names)), r.quoted(DELIMITER), self.name_out(box.name)))
         if cmd.qresync is not None and cmd.qresync.uidvalidity == box.uidvalidity:
             lines += await self._qresync(sel, cmd.qresync)
         mode = b"READ-ONLY" if readonly else b"READ-WRITE"
@@ -471,11 +486,7 @@ class ImapSession:
                 statuses[found.mailbox.name] = found
         lines = []
         for box in chosen:
-            attrs = []
-            has_children = any(n.startswith(box.name + DELIMITER) for n in names)
-            attrs.append("\\HasChildren" if has_children else "\\HasNoChildren")
-            if box.special_use:
-                attrs.append(box.special_use)
+            attrs = _attributes(box, names)
             if ret_subscribed and box.name in subscribed_names:
                 attrs.append("\\Subscribed")
             extra = [b'("CHILDINFO" ("SUBSCRIBED"))'] if box.name in childinfo else []

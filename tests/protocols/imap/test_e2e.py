@@ -1971,3 +1971,26 @@ async def test_condstore_fetch_responses_carry_uid_and_modseq(node: Node) -> Non
     assert re.search(rb" FLAGS \(\\Seen\) MODSEQ \(\d+\)\)\r\n\Z", line)
     # One that changed nothing is a plain answer.
     assert peeked == [b"* 2 FETCH (BODY[TEXT] {19}\r\nBody of message 2\r\n)\r\n"]
+
+
+async def test_select_in_imap4rev2_sends_the_mailbox_list_response(node: Node) -> None:
+    await node.state.storage.mail.create_mailbox(node.alice, "Projects/2024")
+
+    def go() -> tuple[list[bytes], list[bytes], list[bytes], list[bytes]]:
+        with wire(node) as w:
+            w.login()
+            rev1 = w.ok("SELECT Projects")
+            w.ok("UNSELECT")
+            w.ok("ENABLE IMAP4rev2")
+            parent = w.ok("EXAMINE Projects")
+            leaf = w.ok("SELECT Projects/2024")
+            sent = w.ok("SELECT Sent")
+            return rev1, parent, leaf, sent
+
+    rev1, parent, leaf, sent = await run(go)
+    assert not any(line.startswith(b"* LIST") for line in rev1)
+    # RFC 9051 §6.3.2: one LIST response, with accurate attributes.
+    assert [line for line in parent if line.startswith(b"* LIST")] == [b'* LIST (\\HasChildren) "/" "Projects"\r\n']
+    assert [line for line in leaf if line.startswith(b"* LIST")] == [b'* LIST (\\HasNoChildren) "/" "Projects/2024"\r\n']
+    [sent_list] = [line for line in sent if line.startswith(b"* LIST")]
+    assert _attrs([sent_list], b"Sent") == {b"\\HasNoChildren", b"\\Sent"}
