@@ -50,6 +50,7 @@ __all__ = [
     "render_esearch",
     "render_search",
     "render_thread",
+    "result_modseq",
     "saved_result",
     "search",
     "sort",
@@ -985,6 +986,25 @@ def render_search(ids: Sequence[int], modseq: int | None) -> bytes:
         if modseq is not None:
             out += b" (MODSEQ %d)" % modseq
     return out
+
+
+def result_modseq(found: Sequence[Candidate], return_opts: Sequence[str] | None) -> int | None:
+    """The MODSEQ a SEARCH with a MODSEQ key reports (RFC 7162 §3.1.5,
+    RFC 4731 §3.2): with only MIN and/or MAX asked for, that of the message(s)
+    returned (the higher of the two for both); otherwise the highest of all
+    found. None when nothing matched."""
+    if not found:
+        return None
+    opts = {o.upper() for o in return_opts or ()} or {"ALL"}
+    extremes = opts & {"MIN", "MAX"}
+    if not extremes or opts & {"ALL", "COUNT"}:
+        return max(c.msg.modseq for c in found)
+    picked = []
+    if "MIN" in extremes:
+        picked.append(min(found, key=lambda c: c.msg.uid))
+    if "MAX" in extremes:
+        picked.append(max(found, key=lambda c: c.msg.uid))
+    return max(c.msg.modseq for c in picked)
 
 
 def render_esearch(

@@ -766,7 +766,7 @@ class ImapSession:
                 self.saved = []
             raise
         ids = [m.msg.uid if cmd.uid else m.seq for m in found]
-        modseq = max((m.msg.modseq for m in found), default=None) if searching.uses_modseq(cmd.key) else None
+        modseq = searching.result_modseq(found, cmd.return_opts) if searching.uses_modseq(cmd.key) else None
         if modseq is not None:
             self.enabled.add("CONDSTORE")
         lines: list[bytes] = []

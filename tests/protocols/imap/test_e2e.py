@@ -1994,3 +1994,101 @@ async def test_select_in_imap4rev2_sends_the_mailbox_list_response(node: Node) -
     assert [line for line in leaf if line.startswith(b"* LIST")] == [b'* LIST (\\HasNoChildren) "/" "Projects/2024"\r\n']
     [sent_list] = [line for line in sent if line.startswith(b"* LIST")]
     assert _attrs([sent_list], b"Sent") == {b"\\HasNoChildren", b"\\Sent"}
+
+
+def _modseqs(lines: list[bytes]) -> dict[int, int]:
+    out = {}
+    for line in lines:
+        m = re.match(rb"\* (\d+) FETCH \(MODSEQ \((\d+)\)\)", line)
+        assert m, line
+        out[int(m.group(1))] = int(m.group(2))
+    return out
+
+
+async def test_search_modseq_and_esearch_min_max_count_on_the_wire(node: Node) -> None:
+    await node.seed(node.alice, simple(1), simple(2), simple(3), simple(4))
+
+    def go() -> dict[str, list[bytes]]:
+        out = {}
+        with wire(node) as w:
+            w.login()
+            w.ok("ENABLE CONDSTORE")
+            w.ok("SELECT INBOX")
+            # Message 2 gets the highest mod-sequence, above MIN's and MAX's.
+            w.ok("STORE 2 +FLAGS.SILENT (\\Flagged)")
+            out["modseqs"] = w.ok("FETCH 1:4 (MODSEQ)")
+            for name, command in [
+                ("plain", "SEARCH MODSEQ 1"),
+                ("min", "SEARCH RETURN (MIN) MODSEQ 1"),
+                ("max", "SEARCH RETURN (MAX) MODSEQ 1"),
+                ("minmax", "SEARCH RETURN (MIN MAX) MODSEQ 1"),
+                ("all", "SEARCH RETURN (MAX ALL) MODSEQ 1"),
+                ("count", "UID SEARCH RETURN (COUNT) MODSEQ 1"),
+                ("esearch", "SEARCH RETURN (MIN MAX COUNT) UNFLAGGED"),
+                ("none", "SEARCH RETURN (MIN MAX COUNT) MODSEQ 1000000"),
+            ]:
+                w.send(name.encode() + b" " + command.encode() + b"\r\n")
+                untagged, tagged = w.until(name.encode())
+                assert status_word(tagged) == b"OK", (command, tagged)
+                out[name] = untagged
+        return out
+
+    o = await run(go)
+    ms = _modseqs(o["modseqs"])
+    assert ms[2] > max(ms[1], ms[3], ms[4])
+    assert o["plain"] == [b"* SEARCH 1 2 3 4 (MODSEQ %d)\r\n" % ms[2]]
+    # RFC 4731 §3.2: MIN or MAX alone report the mod-sequence of that message.
+    assert o["min"] == [b'* ESEARCH (TAG "min") MIN 1 MODSEQ %d\r\n' % ms[1]]
+    assert o["max"] == [b'* ESEARCH (TAG "max") MAX 4 MODSEQ %d\r\n' % ms[4]]
+    assert o["minmax"] == [b'* ESEARCH (TAG "minmax") MIN 1 MAX 4 MODSEQ %d\r\n' % max(ms[1], ms[4])]
+    assert o["all"] == [b'* ESEARCH (TAG "all") MAX 4 ALL 1:4 MODSEQ %d\r\n' % ms[2]]
+    assert o["count"] == [b'* ESEARCH (TAG "count") UID COUNT 4 MODSEQ %d\r\n' % ms[2]]
+    assert o["esearch"] == [b'* ESEARCH (TAG "esearch") MIN 1 MAX 4 COUNT 3\r\n']
+    assert o["none"] == [b'* ESEARCH (TAG "none") COUNT 0\r\n']
+
+
+def _dated(subject: str, day: int, mid: str, refs: str = "") -> bytes:
+    head = (
+        f"From: a@remote.test\r\nTo: alice@example.org\r\nSubject: {subject}\r\n"
+        f"Date: Mon, {day} Jan 2024 10:00:00 +0000\r\nMessage-ID: <{mid}>\r\n"
+    )
+    if refs:
+        head += f"In-Reply-To: <{refs}>\r\nReferences: <{refs}>\r\n"
+    return (head + "\r\nbody\r\n").encode()
+
+
+async def test_sort_and_thread_through_a_session(node: Node) -> None:
+    uids = await node.seed(
+        node.alice,
+        _dated("Zebra", 3, "z@x"),
+        _dated("apple", 5, "a@x"),
+        _dated("Re: Zebra", 4, "z2@x", refs="z@x"),
+        _dated("Mango", 1, "m@x"),
+    )
+
+    def go() -> dict[str, list[bytes]]:
+        out = {}
+        with wire(node) as w:
+            w.login()
+            w.ok("SELECT INBOX")
+            for name, command in [
+                ("subject", "SORT (SUBJECT) UTF-8 ALL"),
+                ("reverse_date", "SORT (REVERSE DATE) UTF-8 ALL"),
+                ("uid_subject", "UID SORT (SUBJECT ARRIVAL) UTF-8 NOT SUBJECT Mango"),
+                ("references", "THREAD REFERENCES UTF-8 ALL"),
+                ("ordered", "UID THREAD ORDEREDSUBJECT UTF-8 ALL"),
+            ]:
+                w.send(name.encode() + b" " + command.encode() + b"\r\n")
+                untagged, tagged = w.until(name.encode())
+                assert status_word(tagged) == b"OK", (command, tagged)
+                out[name] = untagged
+        return out
+
+    o = await run(go)
+    # RFC 5256 §2.1: the base subject drops "Re:" and ignores case.
+    assert o["subject"] == [b"* SORT 2 4 1 3\r\n"]
+    assert o["reverse_date"] == [b"* SORT 2 3 1 4\r\n"]
+    assert o["uid_subject"] == [b"* SORT %d %d %d\r\n" % (uids[1], uids[0], uids[2])]
+    # The reply threads under its parent; threads ordered by their first date.
+    assert o["references"] == [b"* THREAD (4)(1 3)(2)\r\n"]
+    assert o["ordered"] == [b"* THREAD (%d)(%d %d)(%d)\r\n" % (uids[3], uids[0], uids[2], uids[1])]
