@@ -67,6 +67,17 @@ def _float(value: Any) -> float:
     return float(value)
 
 
+#: RFC 9051 §5.4: an authenticated client may stay silent at least 30 minutes.
+MIN_AUTOLOGOUT = 1800.0
+
+
+def _autologout(value: Any) -> float:
+    seconds = float(value)
+    if seconds < MIN_AUTOLOGOUT:
+        raise ValueError(f"must be at least {MIN_AUTOLOGOUT:.0f} seconds (RFC 9051 §5.4)")
+    return seconds
+
+
 def _int(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("not an integer")
@@ -113,7 +124,7 @@ SCHEMA: tuple[Option, ...] = (
     Option("smtp", "max_bad_commands", _int, 20, "Error replies without a message accepted before the connection is closed (421)."),
     Option("smtp", "max_line_length", _int, 998, "Longest DATA line in octets, CRLF not counted (RFC 5321 §4.5.3.1.6)."),
     Option("imap", "poll_interval", _float, 2.0, "Seconds between store polls for changes made by other nodes (push fallback)."),
-    Option("imap", "autologout", _float, 1800.0, "Seconds an authenticated client may stay silent (RFC 9051 §5.4: at least 30 min)."),
+    Option("imap", "autologout", _autologout, 1800.0, "Seconds an authenticated client may stay silent (RFC 9051 §5.4: at least 30 min)."),
     Option("imap", "max_bad_commands", _int, 20, "Invalid commands in a row before BYE."),
     Option("imap", "max_connections", _int, 20000, "Concurrent IMAP connections per listener."),
     Option("imap", "max_literal", _size, 1024 * 1024, "Largest literal outside APPEND (APPEND takes up to smtp.max_message_size)."),

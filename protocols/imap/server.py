@@ -198,8 +198,10 @@ class ImapConnection:
                 if session.bad_commands >= session.settings.max_bad_commands:
                     await self.write(BYE_BAD)
                     break
-        except Logout:
-            pass
+        except Logout as exc:
+            if exc.autologout and not self.writer.is_closing() and not self.reader.at_eof():
+                with contextlib.suppress(Exception):
+                    await self.write(BYE_TIMEOUT)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         except asyncio.CancelledError:

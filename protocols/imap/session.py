@@ -54,6 +54,8 @@ class ImapSettings:
     max_literal: int = 1024 * 1024
     max_bad_commands: int = 20
     #: RFC 9051 §5.4: at least 30 minutes once authenticated; shorter before.
+    #: The config enforces the minimum (server/config.py); tests build
+    #: settings with short timers directly.
     preauth_timeout: float = 60.0
     autologout: float = 1800.0
 
@@ -76,7 +78,16 @@ class Connection(Protocol):
 
 
 class Logout(Exception):
-    """End the connection after the current response."""
+    """End the connection after the current response.
+
+    ``autologout``: the client went silent (or away) in the middle of a
+    command; the read loop says ``* BYE`` first if it is still there
+    (RFC 9051 §7.1.5: BYE before a server-initiated close).
+    """
+
+    def __init__(self, autologout: bool = False) -> None:
+        super().__init__()
+        self.autologout = autologout
 
 
 class LineTooLong(Exception):
@@ -337,7 +348,7 @@ class ImapSession:
             except LineTooLong:
                 return [r.tagged(cmd.tag, "BAD", b"TOOBIG", TOOBIG_LINE)]
             if line is None:
-                raise Logout()
+                raise Logout(autologout=True)
             try:
                 data = parse_authenticate_response(line)
             except ParseError:
@@ -513,7 +524,9 @@ class ImapSession:
         values = {
             "MESSAGES": st.messages, "UIDNEXT": st.mailbox.uidnext, "UIDVALIDITY": st.mailbox.uidvalidity,
             "UNSEEN": st.unseen, "DELETED": st.deleted, "SIZE": st.size, "RECENT": 0,
-            "HIGHESTMODSEQ": st.highestmodseq, "APPENDLIMIT": self.settings.max_append,
+            # As SELECT reports it (RFC 7162 §3.1.2.1): at least 1, so an
+            # empty mailbox does not read 0 here and 1 there.
+            "HIGHESTMODSEQ": max(1, st.highestmodseq), "APPENDLIMIT": self.settings.max_append,
         }
         body = b" ".join(b"%s %d" % (item.encode(), values[item]) for item in items if item in values)
         return r.untagged(b"STATUS", self.name_out(st.mailbox.name), b"(" + body + b")")
@@ -564,7 +577,7 @@ class ImapSession:
                     except LineTooLong:
                         return [r.tagged(cmd.tag, "BAD", b"TOOBIG", TOOBIG_LINE)]
                     if line is None:
-                        raise Logout()
+                        raise Logout(autologout=True)
                     if line.rstrip(b"\r\n").upper() == b"DONE":
                         return [r.tagged(cmd.tag, "OK", None, "IDLE terminated")]
                     return [r.tagged(cmd.tag, "BAD", None, "Expected DONE")]

@@ -50,6 +50,16 @@ def test_bad_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
         configmod.load(path, environ={})
 
 
+def test_imap_autologout_has_the_rfc_minimum() -> None:
+    # RFC 9051 §5.4: at least 30 minutes for an authenticated client.
+    assert configmod.load(None, environ={}).imap.autologout == 1800.0
+    assert configmod.load(None, environ={"ROOKERY_IMAP_AUTOLOGOUT": "3600"}).imap.autologout == 3600.0
+    with pytest.raises(configmod.ConfigError, match="at least 1800"):
+        configmod.load(None, environ={"ROOKERY_IMAP_AUTOLOGOUT": "60"})
+    with pytest.raises(configmod.ConfigError, match="at least 1800"):
+        configmod.load(None, environ={}, overrides={"imap.autologout": 1799.5})
+
+
 def test_bad_environment_is_refused() -> None:
     with pytest.raises(configmod.ConfigError, match="ROOKERY_SECURITY_ALLOW_PLAINTEXT_AUTH"):
         configmod.load(None, environ={"ROOKERY_SECURITY_ALLOW_PLAINTEXT_AUTH": "perhaps"})

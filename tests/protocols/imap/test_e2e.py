@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import imaplib
 import re
 import smtplib
@@ -27,6 +28,8 @@ import pytest
 from helpers import make_account, node_config, running_node
 from imapclient import IMAPClient
 
+from protocols.imap.server import ImapListener
+from protocols.imap.session import ImapSettings
 from server.node import ServerState
 
 T = TypeVar("T")
@@ -2092,3 +2095,70 @@ async def test_sort_and_thread_through_a_session(node: Node) -> None:
     # The reply threads under its parent; threads ordered by their first date.
     assert o["references"] == [b"* THREAD (4)(1 3)(2)\r\n"]
     assert o["ordered"] == [b"* THREAD (%d)(%d %d)(%d)\r\n" % (uids[3], uids[0], uids[2], uids[1])]
+
+
+@contextlib.asynccontextmanager
+async def short_timer_listener(node: Node, seconds: float) -> AsyncIterator[int]:
+    """A listener on the node's store and push hub with timers far below
+    what the config allows (imap.autologout has the RFC 9051 §5.4 minimum)."""
+    settings = ImapSettings(hostname="mx.test", autologout=seconds, preauth_timeout=seconds)
+    listener = ImapListener(node.state.storage, node.state.hub, settings, None)
+    port = await listener.start("127.0.0.1", 0)
+    try:
+        yield port
+    finally:
+        listener.stop_accepting()
+        await listener.drain(1.0)
+
+
+async def test_timeout_inside_idle_and_authenticate_says_bye(node: Node) -> None:
+    async with short_timer_listener(node, 0.5) as port:
+
+        def go() -> tuple[bytes, list[bytes], bytes, list[bytes], list[bytes]]:
+            with Wire(port) as w:
+                w.login()
+                w.ok("SELECT INBOX")
+                w.send(b"i1 IDLE\r\n")
+                cont = w.line()
+                idle_rest = []
+                with contextlib.suppress(EOFError, ConnectionResetError):
+                    while True:
+                        idle_rest.append(w.line())
+            with Wire(port) as a:
+                a.send(b"a1 AUTHENTICATE PLAIN\r\n")
+                auth_cont = a.line()
+                auth_rest = []
+                with contextlib.suppress(EOFError, ConnectionResetError):
+                    while True:
+                        auth_rest.append(a.line())
+                between = []
+                with Wire(port) as b:
+                    with contextlib.suppress(EOFError, ConnectionResetError):
+                        while True:
+                            between.append(b.line())
+                return cont, idle_rest, auth_cont, auth_rest, between
+
+        cont, idle_rest, auth_cont, auth_rest, between = await run(go)
+    assert cont.startswith(b"+ ") and auth_cont.startswith(b"+")
+    assert len(idle_rest) == 1 and idle_rest[0].startswith(b"* BYE ")
+    assert len(auth_rest) == 1 and auth_rest[0].startswith(b"* BYE ")
+    # Between commands it was already so.
+    assert len(between) == 1 and between[0].startswith(b"* BYE ")
+
+
+async def test_status_highestmodseq_of_an_empty_mailbox_agrees_with_select(node: Node) -> None:
+    await node.state.storage.mail.create_mailbox(node.alice, "Empty")
+
+    def go() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        with wire(node) as w:
+            w.login()
+            status = w.ok("STATUS Empty (HIGHESTMODSEQ)")
+            listed = w.ok('LIST "" Empty RETURN (STATUS (HIGHESTMODSEQ))')
+            selected = w.ok("SELECT Empty")
+            return status, listed, selected
+
+    status, listed, selected = await run(go)
+    hms = int(re.search(rb"HIGHESTMODSEQ (\d+)", b"".join(selected)).group(1))
+    assert hms >= 1  # RFC 7162 §7: the response code's value is positive
+    assert status == [b'* STATUS "Empty" (HIGHESTMODSEQ %d)\r\n' % hms]
+    assert b'* STATUS "Empty" (HIGHESTMODSEQ %d)\r\n' % hms in listed
