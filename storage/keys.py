@@ -21,6 +21,10 @@ Subspaces (``acct`` is an account id, an int; ``mbox`` a mailbox id, an int):
 ``("m", acct, "box", mbox)``        mailbox record (JSON)
 ``("m", acct, "boxname", name)``    mailbox name -> id
 ``("m", acct, "seq", name)``        per-account id allocators (counters)
+``("m", acct, "sub", name)``        subscribed mailbox name (RFC 9051 §6.3.7:
+                                    by name, outliving the mailbox)
+``("m", acct, "subv")``             subscriptions moved out of the mailbox
+                                    records (marker; absent: read those too)
 ``("m", acct, "msg", mbox, uid)``   message-in-mailbox record (packed)
 ``("m", acct, "mod", mbox, modseq, uid)``  index: last change of a message
 ``("m", acct, "gone", mbox, modseq, uid)`` expunged UIDs (QRESYNC VANISHED)
@@ -207,6 +211,18 @@ def mailbox_name(acct: int, name: str) -> bytes:
 
 def mailbox_names(acct: int) -> tuple[bytes, bytes]:
     return prefix_range(("m", acct, "boxname"))
+
+
+def subscription(acct: int, name: str) -> bytes:
+    return pack(("m", acct, "sub", name))
+
+
+def subscriptions(acct: int) -> tuple[bytes, bytes]:
+    return prefix_range(("m", acct, "sub"))
+
+
+def subscriptions_migrated(acct: int) -> bytes:
+    return pack(("m", acct, "subv"))
 
 
 def account_seq(acct: int, name: str) -> bytes:

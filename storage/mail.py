@@ -90,10 +90,11 @@ class Mailbox:
     uidvalidity: int
     uidnext: int
     special_use: str | None = None
-    subscribed: bool = True
     created: float = 0.0
 
     def to_bytes(self) -> bytes:
+        # Subscriptions live apart, by name (keys.subscription); records of
+        # older stores carry a "sub" flag that only the migration reads.
         return json.dumps(
             {
                 "id": self.id,
@@ -101,7 +102,6 @@ class Mailbox:
                 "uv": self.uidvalidity,
                 "un": self.uidnext,
                 "su": self.special_use,
-                "sub": self.subscribed,
                 "c": self.created,
             }
         ).encode()
@@ -109,7 +109,7 @@ class Mailbox:
     @classmethod
     def from_bytes(cls, raw: bytes) -> Mailbox:
         d = json.loads(raw)
-        return cls(d["id"], d["name"], d["uv"], d["un"], d.get("su"), d.get("sub", True), d.get("c", 0.0))
+        return cls(d["id"], d["name"], d["uv"], d["un"], d.get("su"), d.get("c", 0.0))
 
 
 @dataclass(slots=True)
@@ -450,9 +450,11 @@ def create_mailbox(tr: Transaction, acct: int, name: str, special_use: str | Non
         if tr.get(keys.mailbox_name(acct, path)) is not None:
             continue
         mbox = _next_seq(tr, acct, "mbox")
-        box = Mailbox(mbox, path, _new_uidvalidity(tr, acct), 1, special_use if path == name else None, True, time.time())
+        box = Mailbox(mbox, path, _new_uidvalidity(tr, acct), 1, special_use if path == name else None, time.time())
         tr.set(keys.mailbox(acct, mbox), box.to_bytes())
         tr.set(keys.mailbox_name(acct, path), str(mbox).encode())
+        # New mailboxes start subscribed, as they always have here.
+        _subscribe(tr, acct, path, True)
         created = box
     assert created is not None
     record_change(tr, acct, ["Mailbox"], [created.id])
@@ -509,19 +511,68 @@ def rename_mailbox(tr: Transaction, acct: int, old: str, new: str) -> Mailbox:
     moved = [box] + _children(tr, acct, old_name)
     for b in moved:
         tr.clear(keys.mailbox_name(acct, b.name))
+    # Subscriptions follow the mailboxes (as Dovecot and Cyrus do): the
+    # client that subscribed to a mailbox goes on seeing it after RENAME.
+    subscribed = subscriptions(tr, acct)
     for b in moved:
+        was_subscribed = b.name in subscribed
+        if was_subscribed:
+            _subscribe(tr, acct, b.name, False)
         b.name = new + b.name[len(old_name) :]
         tr.set(keys.mailbox(acct, b.id), b.to_bytes())
         tr.set(keys.mailbox_name(acct, b.name), str(b.id).encode())
+        if was_subscribed:
+            _subscribe(tr, acct, b.name, True)
     record_change(tr, acct, ["Mailbox"], [b.id for b in moved])
     return box
 
 
+# -- subscriptions (RFC 9051 §6.3.7, §6.3.8) ---------------------------------
+# Kept by name, apart from the mailboxes: a subscription outlives its mailbox
+# (DELETE must not drop it) and may name one that does not exist yet.
+
+
+def _legacy_subscribed(tr: ReadTransaction, acct: int) -> set[str]:
+    """Names older stores marked subscribed on the mailbox record itself."""
+    out = set()
+    for _, raw in tr.get_range(*keys.mailboxes(acct)):
+        d = json.loads(raw)
+        if d.get("sub", True):
+            out.add(d["name"])
+    return out
+
+
+def _migrate_subscriptions(tr: Transaction, acct: int) -> None:
+    """Before the first write, move older stores' flags to the name keys."""
+    if tr.get(keys.subscriptions_migrated(acct)) is not None:
+        return
+    for name in _legacy_subscribed(tr, acct):
+        tr.set(keys.subscription(acct, name), b"")
+    tr.set(keys.subscriptions_migrated(acct), b"")
+
+
+def _subscribe(tr: Transaction, acct: int, name: str, subscribed: bool) -> None:
+    _migrate_subscriptions(tr, acct)
+    if subscribed:
+        tr.set(keys.subscription(acct, name), b"")
+    else:
+        tr.clear(keys.subscription(acct, name))
+
+
+def subscriptions(tr: ReadTransaction, acct: int) -> set[str]:
+    """The names the account is subscribed to, existing or not."""
+    names = {keys.unpack(k)[-1] for k, _ in tr.get_range(*keys.subscriptions(acct))}
+    if tr.get(keys.subscriptions_migrated(acct)) is None:
+        names |= _legacy_subscribed(tr, acct)
+    return names
+
+
 def set_subscribed(tr: Transaction, acct: int, name: str, subscribed: bool) -> None:
-    box = find_mailbox(tr, acct, name)
-    box.subscribed = subscribed
-    tr.set(keys.mailbox(acct, box.id), box.to_bytes())
-    record_change(tr, acct, ["Mailbox"], [box.id])
+    """SUBSCRIBE / UNSUBSCRIBE. Any valid name may be subscribed, whether a
+    mailbox has it or not (RFC 9051 §6.3.7 only allows a server to check)."""
+    name = validate_mailbox_name(name)
+    _subscribe(tr, acct, name, subscribed)
+    record_change(tr, acct, ["Mailbox"])
 
 
 def highest_modseq(tr: ReadTransaction, acct: int, mbox: int) -> int:
@@ -1097,7 +1148,14 @@ class MailStore:
         await self.write(acct, lambda tr: rename_mailbox(tr, acct, old, new), ("Mailbox", "Email"))
 
     async def subscribe(self, acct: int, name: str, subscribed: bool) -> None:
+        """SUBSCRIBE / UNSUBSCRIBE ``name``, whether a mailbox has it or not.
+        Raises :class:`InvalidInput` for a name no mailbox could have."""
         await self.write(acct, lambda tr: set_subscribed(tr, acct, name, subscribed), ("Mailbox",))
+
+    async def mailboxes_and_subscriptions(self, acct: int) -> tuple[list[Mailbox], set[str]]:
+        """The account's mailboxes and subscribed names, in one read (LIST,
+        LSUB); subscribed names need not exist (RFC 9051 §6.3.7)."""
+        return await self.db.read(lambda tr: (list_mailboxes(tr, acct), subscriptions(tr, acct)))
 
     async def store_flags(
         self, acct: int, mbox: int, uids: Sequence[int], mode: str, flags: Iterable[str], unchangedsince: int | None = None

@@ -120,6 +120,12 @@ def _attributes(box: Mailbox, names: set[str]) -> list[str]:
     return attrs
 
 
+def _ancestors(name: str) -> list[str]:
+    """``a/b/c`` -> ``["a", "a/b"]``."""
+    parts = name.split(DELIMITER)
+    return [DELIMITER.join(parts[:i]) for i in range(1, len(parts))]
+
+
 def _inbox_ci(name: str) -> str:
     head, sep, rest = name.partition(DELIMITER)
     return "INBOX" + sep + rest if head.upper() == "INBOX" else name
@@ -468,41 +474,51 @@ class ImapSession:
         if patterns == [""]:
             # RFC 9051 §6.3.9: the hierarchy delimiter and root.
             return [r.untagged(b"LIST", b"(\\Noselect)", r.quoted(DELIMITER), r.quoted("")), r.tagged(cmd.tag, "OK", None, "LIST completed")]
-        boxes = await self.storage.mail.mailboxes(acct)
-        names = {b.name for b in boxes}
+        boxes, subscribed = await self.storage.mail.mailboxes_and_subscriptions(acct)
+        by_name = {b.name: b for b in boxes}
+        names = set(by_name)
         regexes = [_pattern(p) for p in patterns if p]
         sel_subscribed = "SUBSCRIBED" in cmd.selection
         sel_special = "SPECIAL-USE" in cmd.selection
         ret_subscribed = sel_subscribed or "SUBSCRIBED" in cmd.return_opts
-        subscribed_names = {b.name for b in boxes if b.subscribed}
-        # RFC 5258 §3.1, §3.5: with RECURSIVEMATCH, a mailbox with subscribed
-        # descendants is listed (even if not subscribed itself) with
-        # ("CHILDINFO" ("SUBSCRIBED")).
+        # RFC 5258 §3.1, §3.5: with RECURSIVEMATCH, a name with subscribed
+        # descendants is listed (even if not subscribed, or not a mailbox,
+        # itself) with ("CHILDINFO" ("SUBSCRIBED")).
         recursive = sel_subscribed and "RECURSIVEMATCH" in cmd.selection
+        universe = set(names)
+        if sel_subscribed:
+            # RFC 5258 §3.1: subscribed names are listed whether or not a
+            # mailbox has them (those get \NonExistent).
+            universe |= subscribed
+        if recursive:
+            universe |= {a for n in subscribed for a in _ancestors(n)}
         childinfo: set[str] = set()
-        chosen = []
-        for box in boxes:
-            if not any(rx.match(box.name) for rx in regexes):
+        chosen: list[str] = []
+        for name in sorted(universe, key=lambda n: (n != "INBOX", n)):
+            if not any(rx.match(name) for rx in regexes):
                 continue
-            if recursive and any(n.startswith(box.name + DELIMITER) for n in subscribed_names):
-                childinfo.add(box.name)
-            if sel_subscribed and not box.subscribed and box.name not in childinfo:
+            if recursive and any(n.startswith(name + DELIMITER) for n in subscribed):
+                childinfo.add(name)
+            if sel_subscribed and name not in subscribed and name not in childinfo:
                 continue
-            if sel_special and not box.special_use:
+            box = by_name.get(name)
+            if sel_special and (box is None or not box.special_use):
                 continue
-            chosen.append(box)
+            chosen.append(name)
         statuses = {}
         if cmd.status_items is not None:
-            for found in await self.storage.mail.statuses(acct, chosen):
+            for found in await self.storage.mail.statuses(acct, [by_name[n] for n in chosen if n in by_name]):
                 statuses[found.mailbox.name] = found
         lines = []
-        for box in chosen:
-            attrs = _attributes(box, names)
-            if ret_subscribed and box.name in subscribed_names:
+        for name in chosen:
+            box = by_name.get(name)
+            # RFC 5258 §3.4: \NonExistent implies \Noselect.
+            attrs = _attributes(box, names) if box is not None else ["\\NonExistent"]
+            if ret_subscribed and name in subscribed:
                 attrs.append("\\Subscribed")
-            extra = [b'("CHILDINFO" ("SUBSCRIBED"))'] if box.name in childinfo else []
-            lines.append(r.untagged(b"LIST", r.encode_flags(attrs), r.quoted(DELIMITER), self.name_out(box.name), *extra))
-            st = statuses.get(box.name)
+            extra = [b'("CHILDINFO" ("SUBSCRIBED"))'] if name in childinfo else []
+            lines.append(r.untagged(b"LIST", r.encode_flags(attrs), r.quoted(DELIMITER), self.name_out(name), *extra))
+            st = statuses.get(name)
             if st is not None and cmd.status_items is not None:
                 lines.append(self._status_line(st, cmd.status_items))
         return lines + [r.tagged(cmd.tag, "OK", None, "LIST completed")]
@@ -512,9 +528,21 @@ class ImapSession:
         lines = []
         if pattern:
             rx = _pattern(pattern)
-            for box in await self.storage.mail.mailboxes(self._acct()):
-                if box.subscribed and rx.match(box.name):
-                    lines.append(r.untagged(b"LSUB", b"()", r.quoted(DELIMITER), self.name_out(box.name)))
+            boxes, subscribed = await self.storage.mail.mailboxes_and_subscriptions(self._acct())
+            existing = {b.name for b in boxes}
+            listed: dict[str, bool] = {}  # name -> selectable
+            for name in subscribed:
+                if rx.match(name):
+                    listed[name] = name in existing
+                else:
+                    # RFC 3501 §6.3.9: "foo/bar" subscribed, "foo" not, and
+                    # LSUB "" %: foo is returned, flagged \Noselect.
+                    for parent in _ancestors(name):
+                        if parent not in subscribed and rx.match(parent):
+                            listed.setdefault(parent, False)
+            for name in sorted(listed, key=lambda n: (n != "INBOX", n)):
+                attrs = b"()" if listed[name] else b"(\\Noselect)"
+                lines.append(r.untagged(b"LSUB", attrs, r.quoted(DELIMITER), self.name_out(name)))
         return lines + [r.tagged(cmd.tag, "OK", None, "LSUB completed")]
 
     def _status_line(self, st: object, items: Sequence[str]) -> bytes:

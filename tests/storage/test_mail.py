@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -288,3 +289,53 @@ async def test_cached_snapshot_folds_changes_like_a_fresh_read(store: Storage) -
         assert list(cached.uids) == list(fresh.uids) == sorted(fresh.by_uid)
         assert cached.highestmodseq == fresh.highestmodseq
         assert cached.keywords >= fresh.keywords  # keywords are only ever added
+
+
+async def test_subscriptions_are_kept_by_name(store: Storage) -> None:
+    acct = await make_account(store)
+    await store.mail.create_mailbox(acct, "Lists/Python")
+    await store.mail.subscribe(acct, "NoSuch/Box", True)  # need not exist
+    boxes, subs = await store.mail.mailboxes_and_subscriptions(acct)
+    assert {"INBOX", "Lists", "Lists/Python", "NoSuch/Box"} <= subs
+    assert "NoSuch/Box" not in {b.name for b in boxes}
+    # RFC 9051 §6.3.7: DELETE leaves the subscription alone.
+    await store.mail.delete_mailbox(acct, "Lists/Python")
+    _, subs = await store.mail.mailboxes_and_subscriptions(acct)
+    assert "Lists/Python" in subs
+    # RENAME takes the subscriptions of the mailbox and its children along.
+    await store.mail.create_mailbox(acct, "Lists/Rust")
+    await store.mail.rename_mailbox(acct, "Lists", "Groups")
+    _, subs = await store.mail.mailboxes_and_subscriptions(acct)
+    assert {"Groups", "Groups/Rust"} <= subs and not {"Lists", "Lists/Rust"} & subs
+    assert "Lists/Python" in subs  # not a mailbox any more: nothing moved it
+    await store.mail.subscribe(acct, "NoSuch/Box", False)
+    _, subs = await store.mail.mailboxes_and_subscriptions(acct)
+    assert "NoSuch/Box" not in subs
+    with pytest.raises(InvalidInput):
+        await store.mail.subscribe(acct, "Bad/*name", True)
+
+
+async def test_subscription_flags_of_older_stores_are_read_and_migrated(store: Storage) -> None:
+    acct = await make_account(store)
+    await store.mail.create_mailbox(acct, "Old")
+    # An older store: flags on the mailbox records ("sub", absent meaning
+    # subscribed), no subscription keys, no migration marker.
+    def make_legacy(tr: object) -> None:
+        for key, raw in tr.get_range(*keys.mailboxes(acct)):  # type: ignore[attr-defined]
+            record = json.loads(raw)
+            if record["name"] == "Junk":
+                record["sub"] = False
+            elif record["name"] == "Old":
+                record["sub"] = True
+            tr.set(key, json.dumps(record).encode())  # type: ignore[attr-defined]
+        tr.clear_range(*keys.subscriptions(acct))  # type: ignore[attr-defined]
+        tr.clear(keys.subscriptions_migrated(acct))  # type: ignore[attr-defined]
+
+    await store.db.transact(make_legacy)
+    _, subs = await store.mail.mailboxes_and_subscriptions(acct)
+    assert "Junk" not in subs and {"INBOX", "Old", "Sent"} <= subs
+    # The first write moves the flags to names; they are then what counts.
+    await store.mail.subscribe(acct, "Sent", False)
+    _, subs = await store.mail.mailboxes_and_subscriptions(acct)
+    assert "Junk" not in subs and "Sent" not in subs and {"INBOX", "Old"} <= subs
+    assert await store.db.read(lambda tr: tr.get(keys.subscriptions_migrated(acct))) is not None

@@ -2162,3 +2162,55 @@ async def test_status_highestmodseq_of_an_empty_mailbox_agrees_with_select(node:
     assert hms >= 1  # RFC 7162 §7: the response code's value is positive
     assert status == [b'* STATUS "Empty" (HIGHESTMODSEQ %d)\r\n' % hms]
     assert b'* STATUS "Empty" (HIGHESTMODSEQ %d)\r\n' % hms in listed
+
+
+async def test_subscriptions_outlive_mailboxes_and_list_them_right(node: Node) -> None:
+    def go() -> dict[str, object]:
+        out: dict[str, object] = {}
+        with wire(node) as w:
+            w.login()
+            out["sub_missing"] = w.cmd("SUBSCRIBE NoSuch")[1]
+            w.ok("CREATE Temp")
+            w.ok("DELETE Temp")
+            w.ok("CREATE Deep/Child")
+            w.ok("UNSUBSCRIBE Deep")
+            w.ok("SUBSCRIBE Ghost/Child")  # neither Ghost nor Ghost/Child exists
+            out["list_sub"] = w.ok('LIST (SUBSCRIBED) "" *')
+            out["recursive"] = w.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" %')
+            out["lsub_all"] = w.ok('LSUB "" *')
+            out["lsub_top"] = w.ok('LSUB "" %')
+            out["plain"] = w.ok('LIST "" *')
+            w.ok("CREATE Temp")
+            out["recreated"] = w.ok('LIST (SUBSCRIBED) "" Temp')
+            w.ok("RENAME Deep Far")
+            out["renamed"] = w.ok('LSUB "" *')
+            w.ok("UNSUBSCRIBE NoSuch")
+            out["unsubscribed"] = w.ok('LIST (SUBSCRIBED) "" NoSuch')
+        return out
+
+    o = await run(go)
+    assert status_word(o["sub_missing"]) == b"OK"
+    sub = o["list_sub"]
+    # RFC 5258 §3.1: subscribed names that are not mailboxes are \NonExistent.
+    assert _attrs(sub, b"NoSuch") == {b"\\NonExistent", b"\\Subscribed"}
+    assert _attrs(sub, b"Temp") == {b"\\NonExistent", b"\\Subscribed"}  # DELETE kept it (RFC 9051 §6.3.7)
+    assert _attrs(sub, b"Ghost/Child") == {b"\\NonExistent", b"\\Subscribed"}
+    assert _attrs(sub, b"Deep/Child") == {b"\\HasNoChildren", b"\\Subscribed"}
+    assert b"Deep" not in _names(sub)
+    rec = o["recursive"]
+    assert b'* LIST (\\HasChildren) "/" "Deep" ("CHILDINFO" ("SUBSCRIBED"))\r\n' in rec
+    assert b'* LIST (\\NonExistent) "/" "Ghost" ("CHILDINFO" ("SUBSCRIBED"))\r\n' in rec
+    assert b'* LIST (\\NonExistent \\Subscribed) "/" "NoSuch"\r\n' in rec
+    lsub_all = o["lsub_all"]
+    assert b'* LSUB (\\Noselect) "/" "NoSuch"\r\n' in lsub_all and b'* LSUB () "/" "Deep/Child"\r\n' in lsub_all
+    assert b"Deep" not in _names(lsub_all, b"LSUB")
+    # RFC 3501 §6.3.9: with %, the unsubscribed parent of a subscribed child
+    # is returned, flagged \Noselect.
+    lsub_top = o["lsub_top"]
+    assert b'* LSUB (\\Noselect) "/" "Deep"\r\n' in lsub_top and b'* LSUB (\\Noselect) "/" "Ghost"\r\n' in lsub_top
+    assert b'* LSUB () "/" "INBOX"\r\n' in lsub_top and b"Deep/Child" not in b"".join(lsub_top)
+    assert b"NoSuch" not in _names(o["plain"]) and b"Temp" not in _names(o["plain"])
+    assert _attrs(o["recreated"], b"Temp") == {b"\\HasNoChildren", b"\\Subscribed"}
+    renamed = _names(o["renamed"], b"LSUB")
+    assert b"Far/Child" in renamed and b"Deep/Child" not in renamed
+    assert o["unsubscribed"] == []
