@@ -82,6 +82,11 @@ class MailboxNotFound(NotFound):
     imap = ("NO", "TRYCREATE")
 
 
+class NotSelectable(MailboxNotFound):
+    """The name is a \\Noselect mailbox: it only holds children (RFC 9051
+    §6.3.4). CREATE makes it a mailbox again, so APPEND/COPY say TRYCREATE."""
+
+
 class QuotaExceeded(RookeryError):
     """Quota exceeded."""
 

@@ -35,6 +35,7 @@ from .errors import (
     HasChildren,
     InvalidInput,
     MailboxNotFound,
+    NotSelectable,
     QuotaExceeded,
     TemporaryQuotaExceeded,
     UnknownUser,
@@ -91,6 +92,9 @@ class Mailbox:
     uidnext: int
     special_use: str | None = None
     created: float = 0.0
+    #: A name kept only for its children (RFC 9051 §6.3.4 DELETE): no
+    #: messages, cannot be selected; CREATE makes it a mailbox again.
+    noselect: bool = False
 
     def to_bytes(self) -> bytes:
         # Subscriptions live apart, by name (keys.subscription); records of
@@ -103,13 +107,14 @@ class Mailbox:
                 "un": self.uidnext,
                 "su": self.special_use,
                 "c": self.created,
+                "ns": self.noselect,
             }
         ).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Mailbox:
         d = json.loads(raw)
-        return cls(d["id"], d["name"], d["uv"], d["un"], d.get("su"), d.get("c", 0.0))
+        return cls(d["id"], d["name"], d["uv"], d["un"], d.get("su"), d.get("c", 0.0), d.get("ns", False))
 
 
 @dataclass(slots=True)
@@ -413,12 +418,17 @@ def get_mailbox(tr: ReadTransaction, acct: int, mbox: int) -> Mailbox | None:
     return None if raw is None else Mailbox.from_bytes(raw)
 
 
-def find_mailbox(tr: ReadTransaction, acct: int, name: str) -> Mailbox:
+def find_mailbox(tr: ReadTransaction, acct: int, name: str, selectable: bool = True) -> Mailbox:
+    """The mailbox named ``name``. Raises :class:`MailboxNotFound`, and
+    :class:`NotSelectable` for a \\Noselect one unless ``selectable`` is
+    False (DELETE, RENAME work on names)."""
     name = validate_mailbox_name(name)
     raw = tr.get(keys.mailbox_name(acct, name))
     box = None if raw is None else get_mailbox(tr, acct, int(raw))
     if box is None:
         raise MailboxNotFound(f"mailbox {name} does not exist")
+    if selectable and box.noselect:
+        raise NotSelectable(f"mailbox {name} is not selectable (\\Noselect)")
     return box
 
 
@@ -441,8 +451,14 @@ def create_mailbox(tr: Transaction, acct: int, name: str, special_use: str | Non
     name = validate_mailbox_name(name)
     if special_use is not None and special_use not in SPECIAL_USES:
         raise InvalidInput(f"unknown special use {special_use}")
-    if tr.get(keys.mailbox_name(acct, name)) is not None:
-        raise AlreadyExists(f"mailbox {name} already exists")
+    existing = tr.get(keys.mailbox_name(acct, name))
+    if existing is not None:
+        old = get_mailbox(tr, acct, int(existing))
+        if old is None or not old.noselect:
+            raise AlreadyExists(f"mailbox {name} already exists")
+        # A \Noselect name becomes a mailbox again: a new one (new id and
+        # UIDVALIDITY), as if the name had never been kept.
+        _forget_mailbox(tr, acct, old)
     parts = name.split(DELIMITER)
     created = None
     for depth in range(1, len(parts) + 1):
@@ -472,18 +488,34 @@ def _children(tr: ReadTransaction, acct: int, name: str) -> list[Mailbox]:
     return [b for b in list_mailboxes(tr, acct) if b.name.startswith(prefix)]
 
 
-def delete_mailbox(tr: Transaction, acct: int, name: str) -> Mailbox:
-    box = find_mailbox(tr, acct, name)
-    if box.name == "INBOX":
-        raise Forbidden("INBOX cannot be deleted")
-    if _children(tr, acct, box.name):
-        raise HasChildren(f"mailbox {box.name} has children; delete them first")
+def _forget_mailbox(tr: Transaction, acct: int, box: Mailbox) -> None:
+    """Remove a mailbox record and all it holds (its subscription stays)."""
     messages = [Message.from_bytes(v) for k, v in tr.get_range(*keys.messages(acct, box.id))]
     _remove_messages(tr, acct, box.id, messages, modseq=None)
     for begin, end in keys.mailbox_all(acct, box.id):
         tr.clear_range(begin, end)
     tr.clear(keys.mailbox(acct, box.id))
     tr.clear(keys.mailbox_name(acct, box.name))
+
+
+def delete_mailbox(tr: Transaction, acct: int, name: str) -> Mailbox:
+    """DELETE (RFC 9051 §6.3.4). A mailbox with children loses its messages
+    and stays as a \\Noselect name; a \\Noselect one with children is
+    refused (HASCHILDREN); any other goes entirely."""
+    box = find_mailbox(tr, acct, name, selectable=False)
+    if box.name == "INBOX":
+        raise Forbidden("INBOX cannot be deleted")
+    children = bool(_children(tr, acct, box.name))
+    if children and box.noselect:
+        raise HasChildren(f"mailbox {box.name} has children; delete them first")
+    _forget_mailbox(tr, acct, box)
+    if children:
+        # A new record (new id): sessions that had the mailbox selected see
+        # it gone, as for any DELETE.
+        mbox = _next_seq(tr, acct, "mbox")
+        placeholder = Mailbox(mbox, box.name, _new_uidvalidity(tr, acct), 1, None, time.time(), noselect=True)
+        tr.set(keys.mailbox(acct, mbox), placeholder.to_bytes())
+        tr.set(keys.mailbox_name(acct, box.name), str(mbox).encode())
     record_change(tr, acct, ["Mailbox", "Email", "Thread"], [box.id])
     return box
 
@@ -491,7 +523,7 @@ def delete_mailbox(tr: Transaction, acct: int, name: str) -> Mailbox:
 def rename_mailbox(tr: Transaction, acct: int, old: str, new: str) -> Mailbox:
     """RENAME (RFC 9051 §6.3.6): children move along; renaming INBOX moves its
     messages to a new mailbox and leaves INBOX empty."""
-    box = find_mailbox(tr, acct, old)
+    box = find_mailbox(tr, acct, old, selectable=False)
     new = validate_mailbox_name(new)
     if tr.get(keys.mailbox_name(acct, new)) is not None:
         raise AlreadyExists(f"mailbox {new} already exists")
@@ -1060,9 +1092,10 @@ class MailStore:
     async def mailboxes(self, acct: int) -> list[Mailbox]:
         return await self.db.read(lambda tr: list_mailboxes(tr, acct))
 
-    async def mailbox(self, acct: int, name: str) -> Mailbox:
-        """Raises :class:`MailboxNotFound`."""
-        return await self.db.read(lambda tr: find_mailbox(tr, acct, name))
+    async def mailbox(self, acct: int, name: str, selectable: bool = True) -> Mailbox:
+        """Raises :class:`MailboxNotFound` (:class:`NotSelectable` for a
+        \\Noselect name unless ``selectable`` is False)."""
+        return await self.db.read(lambda tr: find_mailbox(tr, acct, name, selectable))
 
     async def status(self, acct: int, name: str) -> MailboxStatus:
         return await self.db.read(lambda tr: mailbox_status(tr, acct, find_mailbox(tr, acct, name)))
@@ -1129,10 +1162,10 @@ class MailStore:
     async def delete_mailbox(self, acct: int, name: str) -> None:
         """DELETE: the messages go first, CHUNK at a time (a big mailbox would
         not fit FoundationDB's 10 MB / 5 s), then the mailbox itself."""
-        box = await self.mailbox(acct, name)
+        box = await self.mailbox(acct, name, selectable=False)
         if box.name == "INBOX":
             raise Forbidden("INBOX cannot be deleted")
-        if not await self.db.read(lambda tr: _children(tr, acct, box.name)):
+        if not box.noselect:
             await self.empty_mailbox(acct, box.id)
         await self.write(acct, lambda tr: delete_mailbox(tr, acct, name), ("Mailbox", "Email"))
 

@@ -115,6 +115,8 @@ def _attributes(box: Mailbox, names: set[str]) -> list[str]:
     special use; ``names`` are all the account's mailboxes."""
     prefix = box.name + DELIMITER
     attrs = ["\\HasChildren" if any(n.startswith(prefix) for n in names) else "\\HasNoChildren"]
+    if box.noselect:
+        attrs.insert(0, "\\Noselect")
     if box.special_use:
         attrs.append(box.special_use)
     return attrs
@@ -507,7 +509,9 @@ class ImapSession:
             chosen.append(name)
         statuses = {}
         if cmd.status_items is not None:
-            for found in await self.storage.mail.statuses(acct, [by_name[n] for n in chosen if n in by_name]):
+            # RFC 5819 §2: no STATUS for a \Noselect (or \NonExistent) name.
+            selectable = [by_name[n] for n in chosen if n in by_name and not by_name[n].noselect]
+            for found in await self.storage.mail.statuses(acct, selectable):
                 statuses[found.mailbox.name] = found
         lines = []
         for name in chosen:
@@ -529,7 +533,7 @@ class ImapSession:
         if pattern:
             rx = _pattern(pattern)
             boxes, subscribed = await self.storage.mail.mailboxes_and_subscriptions(self._acct())
-            existing = {b.name for b in boxes}
+            existing = {b.name for b in boxes if not b.noselect}
             listed: dict[str, bool] = {}  # name -> selectable
             for name in subscribed:
                 if rx.match(name):

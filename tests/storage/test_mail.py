@@ -94,6 +94,11 @@ async def test_mailbox_create_rename_delete(store: Storage) -> None:
     await store.mail.write(acct, lambda tr: mail.rename_mailbox(tr, acct, "Projects", "Work"))
     names = [b.name for b in await store.db.read(lambda tr: mail.list_mailboxes(tr, acct))]
     assert "Work/2026/Q1" in names and not any(n.startswith("Projects") for n in names)
+    # RFC 9051 §6.3.4: with children, DELETE leaves a \Noselect name; a
+    # second DELETE of it, children still there, is refused.
+    await store.mail.write(acct, lambda tr: mail.delete_mailbox(tr, acct, "Work"))
+    work = await store.mail.mailbox(acct, "Work", selectable=False)
+    assert work.noselect
     with pytest.raises(HasChildren):
         await store.mail.write(acct, lambda tr: mail.delete_mailbox(tr, acct, "Work"))
     with pytest.raises(Forbidden):

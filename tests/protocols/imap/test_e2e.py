@@ -1041,7 +1041,10 @@ async def test_create_delete_rename_subscribe(node: Node) -> None:
             out["inbox"] = w.ok("STATUS INBOX (MESSAGES UIDVALIDITY)")
             out["del_inbox"] = w.cmd("DELETE INBOX")[1]
             out["del_missing"] = w.cmd("DELETE Nope")[1]
+            # RFC 9051 §6.3.4: a mailbox with children becomes \Noselect;
+            # DELETE of a \Noselect one with children is refused.
             out["del_parent"] = w.cmd("DELETE Work/2024")[1]
+            out["del_noselect"] = w.cmd("DELETE Work/2024")[1]
             w.ok("DELETE Work/2024/Q1")
             out["after_delete"] = w.ok('LIST "" Work*')
             w.ok("UNSUBSCRIBE Junk")
@@ -1054,7 +1057,8 @@ async def test_create_delete_rename_subscribe(node: Node) -> None:
 
     o = await run(go)
     assert status_word(o["dup"]) == b"NO" and code(o["dup"]) == b"ALREADYEXISTS"
-    assert status_word(o["del_parent"]) == b"NO" and code(o["del_parent"]) == b"HASCHILDREN"
+    assert status_word(o["del_parent"]) == b"OK"
+    assert status_word(o["del_noselect"]) == b"NO" and code(o["del_noselect"]) == b"HASCHILDREN"
     assert status_word(o["badcreate"]) in (b"NO", b"BAD")
     assert _names(o["all"]) == [b"INBOX", b"Archive", b"Drafts", b"Junk", b"MyDrafts", b"Projects", b"Projects/2024",
                                 b"Projects/2024/Q1", b"Sent", b"Trash"]
@@ -1073,7 +1077,7 @@ async def test_create_delete_rename_subscribe(node: Node) -> None:
     assert o["inbox"][0].startswith(b'* STATUS "INBOX" (MESSAGES 0 ')
     assert status_word(o["del_inbox"]) == b"NO" and status_word(o["del_missing"]) == b"NO"
     assert _names(o["after_delete"]) == [b"Work", b"Work/2024"]
-    assert _attrs(o["after_delete"], b"Work/2024") >= {b"\\HasNoChildren"}
+    assert _attrs(o["after_delete"], b"Work/2024") == {b"\\Noselect", b"\\HasNoChildren"}
     lsub = _names(o["lsub"], b"LSUB")
     assert b"Junk" not in lsub and b"Work" not in lsub and b"INBOX" in lsub and b"Work/2024" in lsub
     assert _names(o["lsub2"], b"LSUB") == [b"Work"]
@@ -2214,3 +2218,57 @@ async def test_subscriptions_outlive_mailboxes_and_list_them_right(node: Node) -
     renamed = _names(o["renamed"], b"LSUB")
     assert b"Far/Child" in renamed and b"Deep/Child" not in renamed
     assert o["unsubscribed"] == []
+
+
+async def test_delete_with_children_leaves_a_noselect_name(node: Node) -> None:
+    await node.state.storage.mail.create_mailbox(node.alice, "Parent/Child")
+    await node.seed(node.alice, simple(1), simple(2), mailbox="Parent")
+    old = await node.state.storage.mail.mailbox(node.alice, "Parent")
+
+    def go() -> dict[str, object]:
+        out: dict[str, object] = {}
+        with wire(node) as w, wire(node) as watcher:
+            w.login()
+            watcher.login()
+            watcher.ok("SELECT Parent")
+            out["delete"] = w.cmd("DELETE Parent")[1]
+            watcher.send(b"n1 NOOP\r\n")
+            seen = []
+            with contextlib.suppress(EOFError, ConnectionResetError):
+                while not seen or not seen[-1].startswith(b"n1 "):
+                    seen.append(watcher.line())
+            out["watcher"] = seen
+            out["list"] = w.ok('LIST "" Parent*')
+            out["list_status"] = w.ok('LIST "" Parent* RETURN (STATUS (MESSAGES))')
+            out["select"] = w.cmd("SELECT Parent")[1]
+            out["examine"] = w.cmd("EXAMINE Parent")[1]
+            out["status"] = w.cmd("STATUS Parent (MESSAGES)")[1]
+            out["append"] = w.append_plus(b"Parent", simple(3))[1]
+            w.ok("SELECT INBOX")
+            w.ok("APPEND INBOX {%d+}\r\n" % len(simple(4)) + simple(4).decode())
+            out["copy"] = w.cmd("COPY 1 Parent")[1]
+            w.ok("UNSELECT")
+            w.ok("CREATE Parent")
+            out["recreated"] = w.ok('LIST "" Parent')
+            out["reselect"] = w.ok("SELECT Parent")
+        return out
+
+    o = await run(go)
+    assert status_word(o["delete"]) == b"OK"
+    # A session that had it selected learns it is gone, as for any DELETE.
+    assert [line for line in o["watcher"] if line.startswith(b"* BYE")]
+    assert o["list"] == [b'* LIST (\\Noselect \\HasChildren) "/" "Parent"\r\n',
+                         b'* LIST (\\HasNoChildren) "/" "Parent/Child"\r\n']
+    # RFC 5819 §2: no STATUS for the \Noselect name.
+    statuses = [line for line in o["list_status"] if line.startswith(b"* STATUS")]
+    assert statuses == [b'* STATUS "Parent/Child" (MESSAGES 0)\r\n']
+    for name in ("select", "examine", "status"):
+        assert status_word(o[name]) == b"NO", (name, o[name])
+    # CREATE would make it a mailbox again, so APPEND and COPY say TRYCREATE.
+    assert status_word(o["append"]) == b"NO" and code(o["append"]) == b"TRYCREATE"
+    assert status_word(o["copy"]) == b"NO" and code(o["copy"]) == b"TRYCREATE"
+    assert o["recreated"] == [b'* LIST (\\HasChildren) "/" "Parent"\r\n']
+    reselect = b"".join(o["reselect"])
+    assert b"* 0 EXISTS\r\n" in reselect  # the old messages went with DELETE
+    uidvalidity = int(re.search(rb"UIDVALIDITY (\d+)", reselect).group(1))
+    assert uidvalidity != old.uidvalidity
