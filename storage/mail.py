@@ -521,8 +521,9 @@ def delete_mailbox(tr: Transaction, acct: int, name: str) -> Mailbox:
 
 
 def rename_mailbox(tr: Transaction, acct: int, old: str, new: str) -> Mailbox:
-    """RENAME (RFC 9051 §6.3.6): children move along; renaming INBOX moves its
-    messages to a new mailbox and leaves INBOX empty."""
+    """RENAME (RFC 9051 §6.3.6): children move along. Renaming INBOX creates
+    the new mailbox only and returns it: :meth:`MailStore.rename_mailbox`
+    then moves INBOX's messages into it, CHUNK per transaction."""
     box = find_mailbox(tr, acct, old, selectable=False)
     new = validate_mailbox_name(new)
     if tr.get(keys.mailbox_name(acct, new)) is not None:
@@ -530,11 +531,7 @@ def rename_mailbox(tr: Transaction, acct: int, old: str, new: str) -> Mailbox:
     if new == box.name or new.startswith(box.name + DELIMITER):
         raise InvalidInput("cannot rename a mailbox into itself")
     if box.name == "INBOX":
-        target = create_mailbox(tr, acct, new)
-        messages = [Message.from_bytes(v) for k, v in tr.get_range(*keys.messages(acct, box.id))]
-        if messages:
-            move_messages(tr, acct, box.id, [m.uid for m in messages], target.id)
-        return target
+        return create_mailbox(tr, acct, new)
     # Parents of the new name are created as CREATE would.
     parent = new.rpartition(DELIMITER)[0]
     if parent and tr.get(keys.mailbox_name(acct, parent)) is None:
@@ -764,6 +761,10 @@ def _to_mailbox(
     uids: Sequence[int], dst: str,
 ) -> tuple[int, list[tuple[int, int]]]:
     return op(tr, acct, src, uids, find_mailbox(tr, acct, dst).id)
+
+
+def _move_chunk(tr: Transaction, *, acct: int, src: int, uids: Sequence[int], dst: int) -> None:
+    move_messages(tr, acct, src, uids, dst)
 
 
 def _chunks(items: Sequence[int]) -> list[Sequence[int]]:
@@ -1178,7 +1179,23 @@ class MailStore:
             await self.write(acct, functools.partial(_drop_messages, acct=acct, mbox=mbox, uids=uids))
 
     async def rename_mailbox(self, acct: int, old: str, new: str) -> None:
-        await self.write(acct, lambda tr: rename_mailbox(tr, acct, old, new), ("Mailbox", "Email"))
+        """RENAME (RFC 9051 §6.3.6). Renaming INBOX moves every message it
+        holds when the command starts to the new mailbox, CHUNK per
+        transaction (FoundationDB's 10 MB / 5 s), and leaves INBOX empty of
+        them; mail delivered meanwhile stays in INBOX."""
+        inbox = await self.mailbox(acct, "INBOX")
+        renaming_inbox = validate_mailbox_name(old) == "INBOX"
+        target = cast(Mailbox, await self.write(acct, lambda tr: rename_mailbox(tr, acct, old, new), ("Mailbox", "Email")))
+        if not renaming_inbox:
+            return
+        last = inbox.uidnext - 1
+        while last >= 1:
+            uids = await self.db.read(
+                lambda tr: [keys.unpack(k)[-1] for k, _ in tr.get_range(*keys.messages(acct, inbox.id, 1, last), limit=CHUNK)]
+            )
+            if not uids:
+                return
+            await self.write(acct, functools.partial(_move_chunk, acct=acct, src=inbox.id, uids=uids, dst=target.id))
 
     async def subscribe(self, acct: int, name: str, subscribed: bool) -> None:
         """SUBSCRIBE / UNSUBSCRIBE ``name``, whether a mailbox has it or not.

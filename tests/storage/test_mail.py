@@ -104,7 +104,7 @@ async def test_mailbox_create_rename_delete(store: Storage) -> None:
     with pytest.raises(Forbidden):
         await store.mail.write(acct, lambda tr: mail.delete_mailbox(tr, acct, "inbox"))
     await store.mail.append(acct, "INBOX", RAW)
-    await store.mail.write(acct, lambda tr: mail.rename_mailbox(tr, acct, "INBOX", "Old"))
+    await store.mail.rename_mailbox(acct, "INBOX", "Old")
     old = await store.mail.list_messages(acct, "Old")
     assert len(old) == 1 and await store.mail.list_messages(acct, "INBOX") == []
     await store.mail.write(acct, lambda tr: mail.delete_mailbox(tr, acct, "Old"))
@@ -344,3 +344,29 @@ async def test_subscription_flags_of_older_stores_are_read_and_migrated(store: S
     _, subs = await store.mail.mailboxes_and_subscriptions(acct)
     assert "Junk" not in subs and "Sent" not in subs and {"INBOX", "Old"} <= subs
     assert await store.db.read(lambda tr: tr.get(keys.subscriptions_migrated(acct))) is not None
+
+
+async def test_rename_inbox_moves_its_messages_in_chunks(store: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mail, "CHUNK", 3)
+    moved_per_transaction: list[int] = []
+    real_move = mail.move_messages
+
+    def counting_move(tr: object, acct: int, src: int, uids: list[int], dst: int) -> object:
+        moved_per_transaction.append(len(uids))
+        return real_move(tr, acct, src, uids, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mail, "move_messages", counting_move)
+    acct = await make_account(store)
+    inbox = await store.mail.mailbox(acct, "INBOX")
+    await store.mail.append_many(acct, "INBOX", [(RAW + bytes([65 + i]), ("\\Seen",) if i % 2 else (), None) for i in range(10)])
+    await store.mail.rename_mailbox(acct, "INBOX", "Old/Inbox")
+    # 10 messages, 3 per transaction (a retried one counts twice: at most 3 each).
+    assert sum(1 for n in moved_per_transaction if n) >= 4 and max(moved_per_transaction) <= 3
+    old = await store.mail.list_messages(acct, "Old/Inbox")
+    assert [m.uid for m, _ in old] == list(range(1, 11))
+    assert [bool(m.flags) for m, _ in old] == [bool(i % 2) for i in range(10)]
+    assert await store.mail.list_messages(acct, "INBOX") == []
+    # INBOX is the same mailbox, now empty (RFC 9051 §6.3.6).
+    after = await store.mail.status(acct, "INBOX")
+    assert after.mailbox.id == inbox.id and after.messages == 0
+    assert (await store.mail.status(acct, "Old/Inbox")).messages == 10

@@ -2272,3 +2272,26 @@ async def test_delete_with_children_leaves_a_noselect_name(node: Node) -> None:
     assert b"* 0 EXISTS\r\n" in reselect  # the old messages went with DELETE
     uidvalidity = int(re.search(rb"UIDVALIDITY (\d+)", reselect).group(1))
     assert uidvalidity != old.uidvalidity
+
+
+async def test_rename_inbox_with_more_messages_than_one_chunk(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    from storage import mail
+
+    monkeypatch.setattr(mail, "CHUNK", 4)
+    uids = await node.seed(node.alice, *(simple(i) for i in range(1, 12)))
+
+    def go() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        with wire(node) as w:
+            w.login()
+            w.ok("RENAME INBOX Saved")
+            old = w.ok("STATUS Saved (MESSAGES UIDNEXT)")
+            inbox = w.ok("STATUS INBOX (MESSAGES)")
+            w.ok("SELECT Saved")
+            subjects = w.ok("FETCH 1:* (BODY.PEEK[HEADER.FIELDS (Subject)])")
+            return old, inbox, subjects
+
+    old, inbox, subjects = await run(go)
+    assert len(uids) == 11
+    assert old == [b'* STATUS "Saved" (MESSAGES 11 UIDNEXT 12)\r\n']
+    assert inbox == [b'* STATUS "INBOX" (MESSAGES 0)\r\n']
+    assert [re.search(rb"Subject: Message (\d+)", line).group(1) for line in subjects] == [b"%d" % i for i in range(1, 12)]
