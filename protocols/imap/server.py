@@ -22,7 +22,7 @@ from storage import Storage
 from ..push import PushHub
 from . import commands as c
 from . import response as r
-from .parse import ParseError, UnsupportedCharset, literal_at_end, parse_command, parse_tag
+from .parse import Literal, ParseError, UnsupportedCharset, literal_at_end, parse_command, parse_tag
 from .session import ImapSession, ImapSettings, LineTooLong, Logout
 
 log = logging.getLogger("rookery.imap")
@@ -33,6 +33,9 @@ BYE_BAD = r.untagged_status("BYE", None, "Too many invalid commands")
 BYE_BUSY = r.untagged_status("BYE", b"UNAVAILABLE", "Too many connections, try again later")
 #: An APPEND command (all its messages) may total this many APPENDLIMITs.
 MULTIAPPEND_FACTOR = 4
+#: Bytes of refused non-synchronizing literals read through to stay in step
+#: with the client (RFC 7888 §4); past this, BYE is cheaper.
+DISCARD_MAX = 100 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -105,6 +108,35 @@ class ImapConnection:
             except asyncio.LimitOverrunError as exc:
                 await self.reader.readexactly(exc.consumed)
 
+    async def _discard_rest(self, lit: Literal, timeout: float) -> bool:
+        """Read and drop a refused non-synchronizing literal and the rest of
+        its command (RFC 7888 §4), so the session can answer it and go on.
+        False when that is more than :data:`DISCARD_MAX` or the client went.
+        Stops before a synchronizing literal: the client waits for ``+``,
+        and the tagged answer tells it the command is over."""
+        budget = DISCARD_MAX
+        while True:
+            if lit.size > budget:
+                return False
+            budget -= lit.size
+            left = lit.size
+            try:
+                while left:
+                    chunk = await asyncio.wait_for(self.reader.read(min(left, 65536)), timeout)
+                    if not chunk:
+                        return False
+                    left -= len(chunk)
+                line = await self.read_line(timeout)
+            except (ConnectionError, asyncio.TimeoutError, LineTooLong):
+                return False
+            if line is None:
+                return False
+            budget -= len(line)
+            nxt = literal_at_end(line)
+            if nxt is None or not nxt.nonsync:
+                return True
+            lit = nxt
+
     async def read_command(self, session: ImapSession) -> bytes | _Skip | None:
         settings = session.settings
         try:
@@ -125,13 +157,13 @@ class ImapConnection:
             tag = parse_tag(parts[0])
             total += lit.size
             if total > limit or (append and lit.size > settings.max_append):
-                if lit.nonsync:
-                    # The data is already on its way; we cannot find the next
-                    # command after it, so the session ends (RFC 7888 §4).
-                    return _Skip(r.untagged_status("BYE", b"TOOBIG", "Literal too large"), True)
                 text = "Literal too large"
                 if append:
                     text = "Message exceeds APPENDLIMIT" if lit.size > settings.max_append else "MULTIAPPEND too large"
+                if lit.nonsync and not await self._discard_rest(lit, session.timeout):
+                    # The data is on its way and too much to read through
+                    # (or the client went): the session ends (RFC 7888 §4).
+                    return _Skip(r.untagged_status("BYE", b"TOOBIG", "Literal too large"), True)
                 if tag is None:
                     return _Skip(r.untagged_status("BAD", b"TOOBIG", text), False)
                 return _Skip(r.tagged(tag, "NO" if verb == b"APPEND" else "BAD", b"TOOBIG", text), False)

@@ -1422,14 +1422,25 @@ async def test_line_and_literal_limits(node: Node) -> None:
                 w.send(b"x" * 60_000 + b" {0}\r\n")
             out["many"] = (i, reply)
             out["after_many"] = w.cmd("NOOP")[1]
-            w.send(b"l4 APPEND INBOX {300000+}\r\n")
+            # Non-synchronizing literals over the limit: the data is read
+            # and dropped, with the rest of the command (here a second
+            # message), and the command refused (RFC 7888 §4).
+            w.send(b"l4 APPEND INBOX {300000+}\r\n" + b"x" * 300_000 + b" {5+}\r\nhello\r\n")
+            out["nonsync"] = w.line()
+            out["after_nonsync"] = w.cmd("NOOP")[1]
+            w.send(b"l6 LOGIN {150000+}\r\n" + b"y" * 150_000 + b" pw\r\n")
+            out["nonsync_other"] = w.line()
+            out["after_other"] = w.cmd("NOOP")[1]
+            out["count"] = w.ok("STATUS INBOX (MESSAGES)")
+            # Past what is worth reading through: BYE, and the session ends.
+            w.send(b"l7 APPEND INBOX {999999999+}\r\n")
             lines = []
             try:
                 while True:
                     lines.append(w.line())
             except (EOFError, ConnectionResetError):
                 pass
-            out["nonsync"] = lines
+            out["huge"] = lines
         return out
 
     o = await run(go)
@@ -1444,9 +1455,12 @@ async def test_line_and_literal_limits(node: Node) -> None:
     rounds, reply = o["many"]
     assert rounds <= 3 and reply.startswith(b"l5 BAD [TOOBIG]"), o["many"]
     assert status_word(o["after_many"]) == b"OK"
-    # A non-synchronizing literal over the limit: the data is on its way, so
-    # the server cannot resynchronise; it says BYE and closes (RFC 7888 §4).
-    assert len(o["nonsync"]) == 1 and o["nonsync"][0].startswith(b"* BYE [TOOBIG]")
+    assert o["nonsync"].startswith(b"l4 NO [TOOBIG]")
+    assert status_word(o["after_nonsync"]) == b"OK"
+    assert o["nonsync_other"].startswith(b"l6 BAD [TOOBIG]")
+    assert status_word(o["after_other"]) == b"OK"
+    assert o["count"] == [b'* STATUS "INBOX" (MESSAGES 0)\r\n']  # nothing of it was appended
+    assert len(o["huge"]) == 1 and o["huge"][0].startswith(b"* BYE [TOOBIG]")
 
 
 async def test_overlong_lines_inside_authenticate_and_idle(node: Node) -> None:
