@@ -869,8 +869,21 @@ def _append(r: _Reader) -> Command:
         if r.peek() == 0x22:
             when = _date_time(r)
             r.sp()
-        c = r.peek()
         r.tick()
+        if r.peek_keyword() == b"UTF8":
+            # RFC 6855 §4: append-data =/ "UTF8" SP "(" literal8 ")", a
+            # message with UTF-8 header fields (UTF8=ACCEPT).
+            r.keyword()
+            r.sp()
+            r.expect(0x28, "Expected ( after UTF8")
+            m = _LITERAL8.match(r.buf, r.pos, r.end)
+            if m is None:
+                raise r.error("UTF8 needs a literal8 (~{n})")
+            data = r._literal_data(m)
+            r.expect(0x29, "Expected ) after the UTF8 literal")
+            messages.append(AppendMessage(flags, when, data, True))
+            continue
+        c = r.peek()
         if c == 0x7B:
             m = _LITERAL.match(r.buf, r.pos, r.end)
             binary = False

@@ -2309,3 +2309,26 @@ async def test_rename_inbox_with_more_messages_than_one_chunk(node: Node, monkey
     assert old == [b'* STATUS "Saved" (MESSAGES 11 UIDNEXT 12)\r\n']
     assert inbox == [b'* STATUS "INBOX" (MESSAGES 0)\r\n']
     assert [re.search(rb"Subject: Message (\d+)", line).group(1) for line in subjects] == [b"%d" % i for i in range(1, 12)]
+
+
+async def test_append_utf8_data_item(node: Node) -> None:
+    raw = "From: José <jose@example.org>\r\nSubject: Café ☕\r\n\r\nhola\r\n".encode()
+    box = await node.state.storage.mail.mailbox(node.alice, "INBOX")
+
+    def go() -> tuple[bytes, bytes, list[bytes]]:
+        with wire(node) as w:
+            w.login()
+            w.ok("ENABLE UTF8=ACCEPT")
+            # RFC 6855 §4: APPEND mailbox UTF8 (literal8).
+            w.send(b"u1 APPEND INBOX (\\Seen) UTF8 (~{%d}\r\n" % len(raw))
+            cont = w.line()
+            w.send(raw + b")\r\n")
+            _, tagged = w.until(b"u1")
+            w.ok("SELECT INBOX")
+            fetched = w.ok("FETCH 1 (FLAGS BODY.PEEK[])")
+            return cont, tagged, fetched
+
+    cont, tagged, fetched = await run(go)
+    assert cont.startswith(b"+ ")
+    assert status_word(tagged) == b"OK" and code(tagged) == b"APPENDUID %d 1" % box.uidvalidity
+    assert fetched == [b"* 1 FETCH (FLAGS (\\Seen) BODY[] {%d}\r\n" % len(raw) + raw + b")\r\n"]

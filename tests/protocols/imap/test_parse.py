@@ -228,6 +228,15 @@ VALID: list[tuple[bytes, Command]] = [
         ),
     ),
     (b"a APPEND INBOX ~{5+}\r\na\0b\0c", Append(b"a", "INBOX", (AppendMessage((), None, b"a\0b\0c", True),))),
+    # RFC 6855 §4: UTF8 (literal8), alone and among other messages.
+    (
+        b"a APPEND INBOX (\\Seen) UTF8 (~{4+}\r\n\xc3\xa9t\xc3)",
+        Append(b"a", "INBOX", (AppendMessage(("\\Seen",), None, b"\xc3\xa9t\xc3", True),)),
+    ),
+    (
+        b"a APPEND INBOX {1}\r\nx UTF8 (~{1}\r\ny) {1}\r\nz",
+        Append(b"a", "INBOX", (AppendMessage((), None, b"x"), AppendMessage((), None, b"y", True), AppendMessage((), None, b"z"))),
+    ),
     (b"a IDLE\r\n", Idle(b"a")),
     # selected
     (b"a CHECK", Check(b"a")),
@@ -571,6 +580,9 @@ INVALID: list[tuple[bytes, bytes | None]] = [
     (b'a APPEND INBOX "30-Nov-2024 25:00:00 +0000" {1}\r\nx', b"a"),
     (b"a APPEND INBOX {3}\r\nab", b"a"),
     (b"a APPEND INBOX {1}\r\nab", b"a"),
+    (b"a APPEND INBOX UTF8 ({1}\r\nx)", b"a"),
+    (b"a APPEND INBOX UTF8 (~{1}\r\nx", b"a"),
+    (b"a APPEND INBOX UTF8 ~{1}\r\nx", b"a"),
     (b"a FETCH 0 FLAGS", b"a"),
     (b"a FETCH 4294967296 FLAGS", b"a"),
     (b"a FETCH 1:2:3 FLAGS", b"a"),
