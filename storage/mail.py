@@ -763,6 +763,13 @@ def _to_mailbox(
     return op(tr, acct, src, uids, find_mailbox(tr, acct, dst).id)
 
 
+def _first_uids(tr: ReadTransaction, acct: int, mbox: int, last: int | None) -> list[int]:
+    """The first CHUNK UIDs of a mailbox (up to ``last``), reading only those:
+    a big mailbox is worked through in many transactions, each of which
+    must stay well inside FoundationDB's 5 s."""
+    return [keys.unpack(k)[-1] for k, _ in tr.get_range(*keys.messages(acct, mbox, 1, last), limit=CHUNK)]
+
+
 def _move_chunk(tr: Transaction, *, acct: int, src: int, uids: Sequence[int], dst: int) -> None:
     move_messages(tr, acct, src, uids, dst)
 
@@ -1173,7 +1180,7 @@ class MailStore:
     async def empty_mailbox(self, acct: int, mbox: int) -> None:
         """Remove every message of a mailbox, CHUNK per transaction."""
         while True:
-            uids = await self.db.read(lambda tr: [m.uid for m in get_messages(tr, acct, mbox)[:CHUNK]])
+            uids = await self.db.read(lambda tr: _first_uids(tr, acct, mbox, None))
             if not uids:
                 return
             await self.write(acct, functools.partial(_drop_messages, acct=acct, mbox=mbox, uids=uids))
@@ -1190,9 +1197,7 @@ class MailStore:
             return
         last = inbox.uidnext - 1
         while last >= 1:
-            uids = await self.db.read(
-                lambda tr: [keys.unpack(k)[-1] for k, _ in tr.get_range(*keys.messages(acct, inbox.id, 1, last), limit=CHUNK)]
-            )
+            uids = await self.db.read(lambda tr: _first_uids(tr, acct, inbox.id, last))
             if not uids:
                 return
             await self.write(acct, functools.partial(_move_chunk, acct=acct, src=inbox.id, uids=uids, dst=target.id))
