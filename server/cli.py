@@ -45,7 +45,8 @@ def _common() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         action="append",
         default=argparse.SUPPRESS,
-        help="override one config option (repeatable)",
+        help="override one config option, or one [routes] / [throttle] entry: routes.DOMAIN=HOST:PORT, "
+        "throttle.PATTERN='{\"connections\": 2, \"per_hour\": 500}' (repeatable)",
     )
     return common
 
@@ -186,7 +187,7 @@ def load_config(args: argparse.Namespace) -> configmod.Config:
     overrides: dict[str, Any] = {}
     for item in getattr(args, "set", []) or []:
         name, sep, value = item.partition("=")
-        if not sep or "." not in name:
+        if not sep or ("." not in name and name.strip() not in configmod.FREE_TABLES):
             raise configmod.ConfigError(f"--set wants SECTION.KEY=VALUE, not {item!r}")
         overrides[name.strip()] = value
     if getattr(args, "data", None):

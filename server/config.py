@@ -9,6 +9,7 @@ Precedence: defaults < TOML file < environment < ``--set section.key=value``.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import socket
@@ -54,6 +55,15 @@ def _size(value: Any) -> int:
 
 
 def _list(value: Any) -> tuple[str, ...]:
+    """A TOML array, a JSON array (``["a:1", "b:2"]``, as an environment
+    variable or ``--set`` gives it) or comma-separated text."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON array: {exc}") from None
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise ValueError("a JSON list must be an array of strings")
     if isinstance(value, (list, tuple)):
         return tuple(str(v) for v in value)
     return tuple(part.strip() for part in str(value).split(",") if part.strip())
@@ -128,7 +138,7 @@ SCHEMA: tuple[Option, ...] = (
     Option("imap", "max_bad_commands", _int, 20, "Invalid commands in a row before BYE."),
     Option("imap", "max_connections", _int, 20000, "Concurrent IMAP connections per listener."),
     Option("imap", "max_literal", _size, 1024 * 1024, "Largest literal outside APPEND (APPEND takes up to smtp.max_message_size)."),
-    Option("cluster", "peers", _list, (), "Peer channel addresses host:port of other nodes (ROOKERY_CLUSTER_PEERS: comma-separated)."),
+    Option("cluster", "peers", _list, (), "Peer channel addresses host:port of other nodes (ROOKERY_CLUSTER_PEERS: comma-separated or a JSON array)."),
     Option("cluster", "dns", _str, "", "A DNS name resolving to every node (e.g. a Kubernetes headless service)."),
     Option("cluster", "secret", _str, "", "Shared secret authenticating peer messages (HMAC); required with [listen] cluster."),
     Option("cluster", "advertise", _str, "", "host:port other nodes use to reach this one (default: the cluster listener)."),
@@ -215,8 +225,96 @@ class Config:
         return {name: dict(sec.items()) for name, sec in self._sections.items()}
 
 
-#: Tables allowed in the file beside the schema's sections, with free keys.
+#: Tables allowed in the file beside the schema's sections, with free keys:
+#: ``[routes]`` (destination domain -> next hop) and ``[throttle]`` (pattern ->
+#: limits). Each is set from the environment as a whole by ``ROOKERY_ROUTES``
+#: / ``ROOKERY_THROTTLE`` (see :func:`parse_table`), and entry by entry with
+#: ``--set routes.DOMAIN=...`` / ``--set throttle.PATTERN=...``.
 FREE_TABLES = ("routes", "throttle")
+
+#: The sections of the schema; a ``ROOKERY_<SECTION>_...`` variable naming one
+#: of them (or a free table) must be a real option.
+SECTIONS = frozenset(o.section for o in SCHEMA)
+
+
+def table_env(table: str) -> str:
+    return f"ROOKERY_{table.upper()}"
+
+
+def parse_entry(text: str) -> Any:
+    """One entry's value given as text (``--set``, ``ROOKERY_ROUTES``): a JSON
+    object (``{"host": "relay:587", "username": "u"}``, ``{"connections": 2}``)
+    becomes a table; anything else stays a string (a route's ``host:port``)."""
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON object: {exc}") from None
+        return value
+    return text.strip()
+
+
+def parse_table(table: str, text: str) -> dict[str, Any]:
+    """A whole free table given as text (``ROOKERY_ROUTES``, ``ROOKERY_THROTTLE``,
+    ``--set routes=...``): a JSON object of entries, as the TOML table would
+    hold them, or ``key=value,key=value`` whose values are plain strings (a
+    route's ``host:port``: ``example.net=10.0.0.5:25,*=relay.example:587``).
+    Empty text is an empty table."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON object: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object")
+        return value
+    entries: dict[str, Any] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{item.strip()!r} is not KEY=VALUE (or give a JSON object)")
+        entries[key.strip()] = raw.strip()
+    return entries
+
+
+def _check_tables(extra: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse bad ``[routes]`` / ``[throttle]`` entries when the config is read,
+    with the parsers the node uses (imported here only when there is a table)."""
+    for table, spec in extra.items():
+        if not spec:
+            continue
+        try:
+            if table == "routes":
+                from .outbound import parse_routes
+
+                parse_routes(spec)
+            else:
+                from storage.queue import parse_throttles
+
+                parse_throttles(spec)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad [{table}] table: {exc}") from None
+
+
+def _check_environment(environ: Mapping[str, str]) -> None:
+    """A ``ROOKERY_<SECTION>_<KEY>`` variable whose SECTION is one of ours must
+    name a real option, as an unknown key in the file is refused; variables
+    naming no section (``ROOKERY_FDB_CLUSTER_FILE``, ``ROOKERY_TAG``) are not
+    Rookery options and are left alone."""
+    known = {o.env for o in SCHEMA} | {table_env(t) for t in FREE_TABLES}
+    for name in environ:
+        if not name.startswith("ROOKERY_") or name in known:
+            continue
+        section = name[len("ROOKERY_"):].split("_", 1)[0].lower()
+        if section in FREE_TABLES:
+            raise ConfigError(f"${name}: unknown variable; the [{section}] table is set as a whole by ${table_env(section)}")
+        if section in SECTIONS:
+            near = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+            hint = f" (did you mean ${near[0]}?)" if near else " (see `rookery config`)"
+            raise ConfigError(f"${name}: unknown option [{section}]{hint}")
 
 
 def load(
@@ -228,7 +326,11 @@ def load(
     """Resolve the configuration.
 
     ``overrides`` maps ``"section.key"`` to a value (the CLI's ``--set`` and
-    ``--data``). Raises :class:`ConfigError` on unknown keys or bad values.
+    ``--data``); ``"routes.DOMAIN"`` / ``"throttle.PATTERN"`` set one entry of
+    a free table (text as :func:`parse_entry` reads it) and ``"routes"`` /
+    ``"throttle"`` the whole table (as :func:`parse_table`). A free table's
+    variable replaces the file's table; ``--set`` entries go on top. Raises
+    :class:`ConfigError` on unknown keys or bad values.
     """
     environ = os.environ if environ is None else environ
     values: dict[str, dict[str, Any]] = {}
@@ -245,6 +347,12 @@ def load(
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{origin}: bad value for [{section}] {key}: {exc}") from None
 
+    def put_table(table: str, raw: Any, origin: str) -> None:
+        try:
+            extra[table] = dict(raw) if isinstance(raw, Mapping) else parse_table(table, str(raw))
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: bad value for [{table}]: {exc}") from None
+
     if path is not None:
         try:
             with open(path, "rb") as fh:
@@ -259,15 +367,27 @@ def load(
                 continue
             for key, raw in table.items():
                 put(section, key, raw, str(path))
+    _check_environment(environ)
     for opt in SCHEMA:
         if opt.env in environ:
             put(opt.section, opt.key, environ[opt.env], f"${opt.env}")
+    for table in FREE_TABLES:
+        if table_env(table) in environ:
+            put_table(table, environ[table_env(table)], f"${table_env(table)}")
     for name, raw in (overrides or {}).items():
         section, _, key = name.partition(".")
         if section in FREE_TABLES:
-            extra.setdefault(section, {})[key] = raw
+            if not key:
+                put_table(section, raw, "command line")
+                continue
+            try:
+                entry = raw if not isinstance(raw, str) else parse_entry(raw)
+            except ValueError as exc:
+                raise ConfigError(f"command line: bad value for [{section}] {key!r}: {exc}") from None
+            extra.setdefault(section, {})[key] = entry
             continue
         put(section, key, raw, "command line")
+    _check_tables(extra)
     return Config(values, extra)
 
 
@@ -290,4 +410,30 @@ def describe() -> str:
             rendered = repr(default)
         lines.append(f"# {opt.help}  (env {opt.env})")
         lines.append(f"{opt.key} = {rendered}")
+    lines.append(TABLES_HELP)
     return "\n".join(lines).lstrip() + "\n"
+
+
+#: The free tables in ``rookery config``: commented examples, then the (empty) tables.
+TABLES_HELP = """
+# Free tables: the keys are yours. ROOKERY_ROUTES / ROOKERY_THROTTLE replace a
+# whole table (a JSON object, as the TOML table would hold it); --set
+# routes.DOMAIN=... / throttle.PATTERN=... add or replace one entry on top.
+
+# Next hop per destination domain instead of its MX; "*" routes every other
+# domain (a smarthost). An entry is "host:port" or a table with host, port,
+# username, password, tls (opportunistic, required, implicit, none) and verify.
+#   "example.net" = "127.0.0.1:2526"
+#   "*" = { host = "smarthost.example:587", username = "u", password = "p" }
+# env ROOKERY_ROUTES='{"example.net": "127.0.0.1:2526", "*": {"host": "smarthost.example:587"}}'
+#     or ROOKERY_ROUTES='example.net=127.0.0.1:2526,*=smarthost.example:587' (host:port entries only)
+# --set routes.example.net=127.0.0.1:2526  --set 'routes.*={"host": "smarthost.example:587", "tls": "required"}'
+[routes]
+
+# Cluster-wide limits per destination domain pattern (fnmatch), or per MX host
+# with an "mx:" prefix: connections at once and messages per hour (0: no limit).
+#   "gmail.com" = { connections = 2, per_hour = 500 }
+#   "mx:*.google.com" = { connections = 4 }
+# env ROOKERY_THROTTLE='{"gmail.com": {"connections": 2, "per_hour": 500}}'
+# --set 'throttle.gmail.com={"connections": 2, "per_hour": 500}'
+[throttle]"""

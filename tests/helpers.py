@@ -69,10 +69,13 @@ async def make_account(storage: Storage, email: str = "alice@example.org", passw
     return account.id
 
 
-def rookery(*args: str, data: Path | None = None, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the admin CLI as a real process."""
+def rookery(
+    *args: str, data: Path | None = None, stdin: str | None = None, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the admin CLI as a real process (``env``: variables added to ours)."""
     cmd = ROOKERY + ([f"--data={data}"] if data is not None else []) + list(args)
-    result = subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    full_env = dict(os.environ, **(env or {}))
+    result = subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=60, env=full_env)
     if check and result.returncode != 0:
         raise AssertionError(f"rookery {' '.join(args)} failed ({result.returncode}): {result.stderr}")
     return result

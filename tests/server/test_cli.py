@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from helpers import ROOT, rookery
 
@@ -84,6 +88,76 @@ def _queue_some(data: Path) -> tuple[str, str]:
             await s.close()
 
     return asyncio.run(fill())
+
+
+@pytest.mark.parametrize("form", ["environment", "--set"])
+async def test_queue_flush_follows_routes_and_throttles_given_outside_the_file(tmp_path: Path, form: str) -> None:
+    """[routes] and [throttle] set by ROOKERY_ROUTES / ROOKERY_THROTTLE, or by
+    --set entries, steer a real delivery: a.test through its own route and
+    held to one message an hour, b.test through the "*" route."""
+    from aiosmtpd.smtp import SMTP as SinkSMTP
+
+    from storage import Storage
+    from storage.queue import Queue
+
+    data = tmp_path / "data"
+    s = Storage.open("embedded", data_dir=data)
+    try:
+        queue = Queue(s.db)
+        for rcpt in ("x@a.test", "y@a.test", "z@b.test"):
+            await queue.enqueue("alice@example.org", [rcpt], f"Subject: to {rcpt}\r\n\r\nhi\r\n".encode())
+    finally:
+        await s.close()
+
+    got: dict[str, list[str]] = {"a": [], "star": []}
+
+    class Handler:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            got[self.name].extend(envelope.rcpt_tos)
+            return "250 2.0.0 OK"
+
+    loop = asyncio.get_running_loop()
+    a_server = await loop.create_server(lambda: SinkSMTP(Handler("a")), "127.0.0.1", 0)
+    star_server = await loop.create_server(lambda: SinkSMTP(Handler("star")), "127.0.0.1", 0)
+    a_port, star_port = (srv.sockets[0].getsockname()[1] for srv in (a_server, star_server))
+    try:
+        env: dict[str, str] = {}
+        args: list[str] = []
+        if form == "environment":
+            env["ROOKERY_ROUTES"] = json.dumps({"a.test": f"127.0.0.1:{a_port}", "*": {"host": f"127.0.0.1:{star_port}"}})
+            env["ROOKERY_THROTTLE"] = '{"a.test": {"per_hour": 1}}'
+        else:
+            args += ["--set", f"routes.a.test=127.0.0.1:{a_port}", "--set", f'routes.*={{"host": "127.0.0.1", "port": {star_port}}}',
+                     "--set", 'throttle.a.test={"connections": 1, "per_hour": 1}']
+        flushed = await asyncio.to_thread(rookery, "queue", "flush", *args, data=data, env=env)
+        assert flushed.stdout.strip() == "3 message(s) handled", flushed.stdout
+    finally:
+        for srv in (a_server, star_server):
+            srv.close()
+            await srv.wait_closed()
+    assert len(got["a"]) == 1 and got["a"][0] in ("x@a.test", "y@a.test"), got
+    assert got["star"] == ["z@b.test"], got
+    left = (await asyncio.to_thread(rookery, "queue", "list", data=data)).stdout
+    assert "-- 1 message(s)" in left and "a.test" in left, left
+
+
+def test_bad_config_from_environment_or_set_exits_2_with_the_reason(tmp_path: Path) -> None:
+    cases = [
+        ({"ROOKERY_LISTEN_SMPT": "127.0.0.1:25"}, (), "$ROOKERY_LISTEN_SMPT: unknown option [listen] (did you mean $ROOKERY_LISTEN_SMTP?)"),
+        ({"ROOKERY_THROTTLE": "gmail.com=2"}, (), "bad [throttle] table"),
+        ({}, ("--set", "throttle.gmail.com=2"), "bad [throttle] table"),
+        ({"ROOKERY_CLUSTER_PEERS": '["a:1"'}, (), "$ROOKERY_CLUSTER_PEERS: bad value"),
+    ]
+    for env, args, message in cases:
+        result = rookery(*args, "domain", "list", data=tmp_path / "data", env=env, check=False)
+        assert result.returncode == 2, (env, args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (env, args, result.stderr)
+    ok = rookery("domain", "list", data=tmp_path / "data", env={"ROOKERY_CLUSTER_PEERS": '["a:1", "b:2"]',
+                                                                  "ROOKERY_FDB_CLUSTER_FILE": "/nowhere"})
+    assert ok.returncode == 0
 
 
 def _next_attempt(data: Path, qid: str) -> float:

@@ -88,3 +88,93 @@ def test_foundationdb_settings_come_from_config_and_an_empty_cluster_file_means_
     monkeypatch.setenv("FDB_CLUSTER_FILE", str(missing))
     with pytest.raises(StoreUnavailable, match=str(missing)):
         open_storage(cfg)
+
+
+def test_routes_and_throttle_come_from_the_environment_as_json_or_pairs() -> None:
+    from server.outbound import Route, from_config
+    from storage.queue import ThrottleRule
+
+    env = {
+        "ROOKERY_ROUTES": '{"Example.NET": "127.0.0.1:2526", "*": {"host": "relay.test:587", "username": "u", '
+                          '"password": "p", "tls": "required"}}',
+        "ROOKERY_THROTTLE": '{"gmail.com": {"connections": 2, "per_hour": 500}, "mx:*.google.com": {"connections": 4}}',
+    }
+    _, routes, throttles = from_config(configmod.load(None, environ=env))
+    assert routes == {
+        "example.net": Route("127.0.0.1", 2526),
+        "*": Route("relay.test", 587, "u", "p", "required", None),
+    }
+    assert sorted(throttles, key=lambda r: r.name) == [
+        ThrottleRule("gmail.com", "domain", 2, 500), ThrottleRule("*.google.com", "mx", 4, 0),
+    ]
+    pairs = configmod.load(None, environ={"ROOKERY_ROUTES": " a.test=10.0.0.5:25, *=[::1]:2525 ,"})
+    assert from_config(pairs)[1] == {"a.test": Route("10.0.0.5", 25), "*": Route("::1", 2525)}
+
+
+def test_a_table_variable_replaces_the_files_table_and_set_entries_go_on_top(tmp_path: Path) -> None:
+    path = tmp_path / "rookery.toml"
+    path.write_text('[routes]\n"old.test" = "10.0.0.1:25"\n"a.test" = "10.0.0.2:25"\n'
+                    '[throttle]\n"old.test" = { connections = 1 }\n')
+    env = {"ROOKERY_ROUTES": "a.test=10.0.0.3:25", "ROOKERY_THROTTLE": '{"a.test": {"per_hour": 9}}'}
+    cfg = configmod.load(path, environ=env, overrides={
+        "routes.b.test": "10.0.0.4:26",
+        "routes.*": '{"host": "relay.test", "port": 587}',
+        "throttle.mx:*.example.com": '{"connections": 3}',
+    })
+    assert dict(cfg.extra["routes"]) == {
+        "a.test": "10.0.0.3:25", "b.test": "10.0.0.4:26", "*": {"host": "relay.test", "port": 587},
+    }
+    assert dict(cfg.extra["throttle"]) == {"a.test": {"per_hour": 9}, "mx:*.example.com": {"connections": 3}}
+    # Without the variables the file's tables stand; `--set routes=` replaces a whole table too.
+    assert dict(configmod.load(path, environ={}).extra["routes"]) == {"old.test": "10.0.0.1:25", "a.test": "10.0.0.2:25"}
+    assert dict(configmod.load(path, environ={}, overrides={"routes": ""}).extra["routes"]) == {}
+
+
+@pytest.mark.parametrize(
+    "env, overrides, message",
+    [
+        ({"ROOKERY_THROTTLE": '{"gmail.com": 2}'}, {}, r"bad \[throttle\] table: .*must be a table"),
+        ({"ROOKERY_THROTTLE": "gmail.com=2"}, {}, r"bad \[throttle\] table"),
+        ({"ROOKERY_THROTTLE": '{"gmail.com": {"connections": 2}'}, {}, r"\$ROOKERY_THROTTLE: bad value .*JSON"),
+        ({"ROOKERY_ROUTES": '["a.test"]'}, {}, r"\$ROOKERY_ROUTES: bad value"),
+        ({"ROOKERY_ROUTES": "a.test"}, {}, r"\$ROOKERY_ROUTES: bad value .*KEY=VALUE"),
+        ({"ROOKERY_ROUTES": '{"a.test": {"host": "h", "tls": "sometimes"}}'}, {}, r"bad \[routes\] table: .*tls"),
+        ({}, {"throttle.gmail.com": "2"}, r"bad \[throttle\] table"),
+        ({}, {"throttle.gmail.com": "{connections: 2}"}, r"command line: bad value for \[throttle\] 'gmail.com'"),
+    ],
+)
+def test_bad_tables_are_refused_when_the_config_is_read(env: dict[str, str], overrides: dict[str, str], message: str) -> None:
+    with pytest.raises(configmod.ConfigError, match=message):
+        configmod.load(None, environ=env, overrides=overrides)
+
+
+def test_list_options_take_a_json_array_or_commas() -> None:
+    def peers(text: str) -> tuple[str, ...]:
+        return tuple(configmod.load(None, environ={"ROOKERY_CLUSTER_PEERS": text}).cluster.peers)
+
+    assert peers('["a.test:1", "b.test:2"]') == ("a.test:1", "b.test:2")
+    assert peers(' [ "[::1]:7946" ] ') == ("[::1]:7946",)
+    assert peers("a.test:1, b.test:2") == ("a.test:1", "b.test:2")
+    assert peers("") == ()
+    assert configmod.load(None, environ={}, overrides={"cluster.peers": '["c:3"]'}).cluster.peers == ("c:3",)
+    for bad in ('["a.test:1"', '[{"host": "a"}]'):
+        with pytest.raises(configmod.ConfigError, match=r"\$ROOKERY_CLUSTER_PEERS: bad value"):
+            peers(bad)
+
+
+def test_unknown_variables_of_a_known_section_are_refused_others_ignored() -> None:
+    with pytest.raises(configmod.ConfigError, match=r"\$ROOKERY_LISTEN_SMPT: unknown option \[listen\].*ROOKERY_LISTEN_SMTP"):
+        configmod.load(None, environ={"ROOKERY_LISTEN_SMPT": "127.0.0.1:25"})
+    with pytest.raises(configmod.ConfigError, match=r"\$ROOKERY_QUEUE: unknown option \[queue\]"):
+        configmod.load(None, environ={"ROOKERY_QUEUE": "x"})
+    with pytest.raises(configmod.ConfigError, match=r"\$ROOKERY_ROUTES_EXAMPLE_NET.*ROOKERY_ROUTES"):
+        configmod.load(None, environ={"ROOKERY_ROUTES_EXAMPLE_NET": "127.0.0.1:25"})
+    # Not a section of ours: someone else's variable (the FoundationDB tests', Compose's image tag).
+    cfg = configmod.load(None, environ={"ROOKERY_FDB_CLUSTER_FILE": "/x", "ROOKERY_TAG": "local", "ROOKERYX": "1"})
+    assert cfg.store.cluster_file == ""
+
+
+def test_describe_documents_the_free_tables() -> None:
+    text = configmod.describe()
+    for needle in ("[routes]", "[throttle]", "ROOKERY_ROUTES=", "ROOKERY_THROTTLE=", "--set routes.", "--set 'throttle."):
+        assert needle in text
