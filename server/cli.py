@@ -162,8 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = mail.add_parser("list", parents=[common], help="list messages: UID, flags, size, date, subject")
     p.add_argument("email")
     p.add_argument("--mailbox", default="INBOX")
+    p.add_argument("--page", type=_positive, default=None, metavar="N",
+                   help="messages read per store transaction (default 500); lines are printed page by page")
     p.set_defaults(handler=cmd_mail_list)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _password_args(p: argparse.ArgumentParser) -> None:
@@ -538,17 +550,23 @@ def cmd_node_drain(args: argparse.Namespace, cfg: configmod.Config) -> int:
 def cmd_mail_list(args: argparse.Namespace, cfg: configmod.Config) -> int:
     from storage import mime
 
+    from storage.mail import LIST_PAGE
+
     async def fn(s: Storage) -> None:
         account = await s.directory.get(args.email)
-        for msg, email in await s.mail.list_messages(account.id, args.mailbox):
-            subject = ""
-            structure = email.structure if email is not None else None
-            if structure is not None:
-                subject = mime.decode_words(structure.envelope.subject or "")
-            subject = subject.replace("\t", " ").replace("\r", " ").replace("\n", " ")
-            date = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(msg.internal_date))
-            flags = " ".join(msg.flags) or "-"
-            print(f"{msg.uid}\t{flags}\t{msg.size}\t{date}\t{subject}")
+        # A page per read transaction (a big mailbox in one would pass
+        # FoundationDB's 5 s), its lines out before the next is read.
+        async for page in s.mail.message_pages(account.id, args.mailbox, page=args.page or LIST_PAGE):
+            for msg, email in page:
+                subject = ""
+                structure = email.structure if email is not None else None
+                if structure is not None:
+                    subject = mime.decode_words(structure.envelope.subject or "")
+                subject = subject.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+                date = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(msg.internal_date))
+                flags = " ".join(msg.flags) or "-"
+                print(f"{msg.uid}\t{flags}\t{msg.size}\t{date}\t{subject}")
+            sys.stdout.flush()
 
     return asyncio.run(_with_storage(cfg, fn))
 

@@ -23,7 +23,7 @@ import json
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -76,6 +76,8 @@ _MESSAGE = struct.Struct(">IQQqQ")
 #: Messages per transaction for operations on many messages (STORE, EXPUNGE,
 #: COPY, MOVE, DELETE): keeps each well inside 10 MB and 5 s.
 CHUNK = 2000
+#: Messages per read transaction of ``mail list`` (with their parsed structures).
+LIST_PAGE = 500
 #: Mailbox snapshots kept per node (validated against the store at each use).
 SNAPSHOT_CACHE = 256
 
@@ -652,6 +654,13 @@ def _insert(tr: Transaction, acct: int, box: Mailbox, email_id: int, flags: tupl
 
 def get_messages(tr: ReadTransaction, acct: int, mbox: int, first: int = 1, last: int | None = None) -> list[Message]:
     return [Message.from_bytes(v) for k, v in tr.get_range(*keys.messages(acct, mbox, first, last))]
+
+
+def _message_page(tr: ReadTransaction, acct: int, mbox: int, after: int, limit: int) -> list[tuple[Message, Email | None]]:
+    """Up to ``limit`` messages with UIDs past ``after``, with their emails (``mail list``)."""
+    msgs = [Message.from_bytes(v) for _, v in tr.get_range(*keys.messages(acct, mbox, after + 1), limit=limit)]
+    emails = {e.id: e for e in get_emails(tr, acct, sorted({m.email_id for m in msgs}))}
+    return [(m, emails.get(m.email_id)) for m in msgs]
 
 
 def get_message(tr: ReadTransaction, acct: int, mbox: int, uid: int) -> Message | None:
@@ -1290,11 +1299,35 @@ class MailStore:
         return await blobs.read(self.db, digest, start, length)
 
     async def list_messages(self, acct: int, mailbox: str) -> list[tuple[Message, Email | None]]:
-        def fn(tr: ReadTransaction) -> list[tuple[Message, Email | None]]:
-            box = find_mailbox(tr, acct, mailbox)
-            return [(m, get_email(tr, acct, m.email_id)) for m in get_messages(tr, acct, box.id)]
+        """Every message of a mailbox with its email, in UID order (read in
+        pages: see :meth:`message_pages`)."""
+        return [row async for page in self.message_pages(acct, mailbox) for row in page]
 
-        return await self.db.read(fn)
+    async def message_pages(
+        self, acct: int, mailbox: str, *, page: int = LIST_PAGE
+    ) -> AsyncIterator[list[tuple[Message, Email | None]]]:
+        """The messages of a mailbox with their emails, in UID order, ``page``
+        per read transaction: a big mailbox read at once would pass
+        FoundationDB's 5 s. Each read resumes after the last UID of the one
+        before, so a page is consistent in itself, not with the others (mail
+        delivered meanwhile shows at the end; an expunged message may show).
+
+        Raises :class:`NotFound` when the mailbox does not exist.
+        """
+        if page < 1:
+            raise ValueError("page must be at least 1")
+
+        def first(tr: ReadTransaction) -> tuple[int, list[tuple[Message, Email | None]]]:
+            box = find_mailbox(tr, acct, mailbox)
+            return box.id, _message_page(tr, acct, box.id, 0, page)
+
+        mbox, rows = await self.db.read(first)
+        while rows:
+            yield rows
+            if len(rows) < page:
+                return
+            after = rows[-1][0].uid
+            rows = await self.db.read(lambda tr: _message_page(tr, acct, mbox, after, page))
 
     async def purge(self, now: float | None = None) -> int:
         """Delete unreferenced blobs past the grace period; returns markers handled."""

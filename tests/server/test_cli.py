@@ -65,6 +65,45 @@ def test_bad_input_gives_clear_errors_and_nonzero_exit(tmp_path: Path) -> None:
     assert usage.returncode == 2
 
 
+def test_mail_list_prints_uid_flags_size_date_and_decoded_subject_page_by_page(tmp_path: Path) -> None:
+    from storage import Storage
+
+    data = tmp_path / "data"
+    rookery("domain", "add", "example.org", data=data)
+    rookery("account", "add", "alice@example.org", "--password", "pw", data=data)
+    messages = [
+        (b"Subject: plain\r\n\r\nx\r\n", ("\\Seen",), 1700000000),
+        (b"Subject: =?utf-8?q?Caf=C3=A9_au_lait?=\r\n\r\nxy\r\n", ("\\Flagged", "\\Seen"), 1700000061),
+        (b"Subject: =?ISO-8859-1?Q?Gr=FC=DFe?= =?ISO-8859-1?Q?_aus?= Wien\r\n\r\n\r\n", (), 1600000000),
+        (b"From: a@b.test\r\n\r\nno subject\r\n", ("$Label1",), 1700003600),
+        (b"Subject: tab\there\r\n\r\nz\r\n", ("\\Answered",), 1700086400),
+    ]
+
+    async def fill() -> None:
+        s = Storage.open("embedded", data_dir=data)
+        try:
+            acct = (await s.directory.get("alice@example.org")).id
+            for raw, flags, when in messages:
+                await s.mail.append(acct, "INBOX", raw, flags, when)
+        finally:
+            await s.close()
+
+    asyncio.run(fill())
+    expected = [
+        f"1\t\\Seen\t{len(messages[0][0])}\t2023-11-14 22:13:20\tplain",
+        f"2\t\\Flagged \\Seen\t{len(messages[1][0])}\t2023-11-14 22:14:21\tCafé au lait",
+        f"3\t-\t{len(messages[2][0])}\t2020-09-13 12:26:40\tGrüße aus Wien",
+        f"4\t$Label1\t{len(messages[3][0])}\t2023-11-14 23:13:20\t",
+        f"5\t\\Answered\t{len(messages[4][0])}\t2023-11-15 22:13:20\ttab here",
+    ]
+    for page in ("1", "2", "5", "500"):
+        listing = rookery("mail", "list", "alice@example.org", "--page", page, data=data).stdout
+        assert listing.split("\n") == expected + [""], (page, listing)
+    assert rookery("mail", "list", "alice@example.org", data=data).stdout.split("\n") == expected + [""]
+    bad = rookery("mail", "list", "alice@example.org", "--page", "0", data=data, check=False)
+    assert bad.returncode == 2 and "must be at least 1" in bad.stderr
+
+
 def test_help_and_config_listing() -> None:
     assert "serve" in rookery("--help").stdout
     assert "ROOKERY_LISTEN_SMTP" in rookery("config").stdout

@@ -370,3 +370,41 @@ async def test_rename_inbox_moves_its_messages_in_chunks(store: Storage, monkeyp
     after = await store.mail.status(acct, "INBOX")
     assert after.mailbox.id == inbox.id and after.messages == 0
     assert (await store.mail.status(acct, "Old/Inbox")).messages == 10
+
+
+async def test_message_pages_read_a_page_per_transaction_resuming_after_the_last_uid(
+    store: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acct = await make_account(store)
+    for i in range(7):
+        await store.mail.append(acct, "INBOX", b"Subject: m%d\r\n\r\nbody\r\n" % i)
+    box = await store.mail.mailbox(acct, "INBOX")
+    await store.mail.store_flags(acct, box.id, [2], "add", ["\\Deleted"])
+    assert await store.mail.expunge(acct, box.id, [2]) == [2]
+    reads = 0
+    real_read = store.db.read
+
+    async def counting_read(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal reads
+        reads += 1
+        return await real_read(fn, *args, **kwargs)
+
+    monkeypatch.setattr(store.db, "read", counting_read)
+    pages: list[list[int]] = []
+    async for page in store.mail.message_pages(acct, "INBOX", page=3):
+        pages.append([m.uid for m, _ in page])
+        assert all(e is not None and e.structure is not None for _, e in page)
+        if len(pages) == 1:
+            # Delivered while the listing runs: it comes after the last UID read, so it shows.
+            monkeypatch.setattr(store.db, "read", real_read)
+            await store.mail.append(acct, "INBOX", b"Subject: late\r\n\r\nx\r\n")
+            monkeypatch.setattr(store.db, "read", counting_read)
+    assert pages == [[1, 3, 4], [5, 6, 7], [8]]
+    assert reads == 3
+    subjects = [e.structure.envelope.subject for _, e in await store.mail.list_messages(acct, "INBOX") if e and e.structure]
+    assert subjects == ["m0", "m2", "m3", "m4", "m5", "m6", "late"]
+    # A mailbox that is a whole number of pages ends on an empty read; none yields nothing.
+    assert [len(p) async for p in store.mail.message_pages(acct, "INBOX", page=7)] == [7]
+    assert [p async for p in store.mail.message_pages(acct, "Trash", page=2)] == []
+    with pytest.raises(MailboxNotFound):
+        [p async for p in store.mail.message_pages(acct, "Nope")]
