@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_domain_add)
     p = domain.add_parser("list", parents=[common], help="list hosted domains")
     p.set_defaults(handler=cmd_domain_list)
-    p = domain.add_parser("remove", parents=[common], help="stop hosting a domain (it must have no accounts)")
+    p = domain.add_parser("remove", parents=[common], help="stop hosting a domain (it must have no accounts, aliases or catch-all)")
     p.add_argument("name")
     p.set_defaults(handler=cmd_domain_remove)
 
@@ -379,7 +379,7 @@ def cmd_account_remove(args: argparse.Namespace, cfg: configmod.Config) -> int:
 def cmd_alias_add(args: argparse.Namespace, cfg: configmod.Config) -> int:
     async def fn(s: Storage) -> None:
         if args.alias.startswith("@"):
-            await s.directory.set_catchall(args.alias[1:], args.target)
+            await s.directory.add_catchall(args.alias[1:], args.target)
         else:
             await s.directory.add_alias(args.alias, args.target)
         print(f"added alias {args.alias} -> {args.target}")
@@ -399,7 +399,7 @@ def cmd_alias_list(args: argparse.Namespace, cfg: configmod.Config) -> int:
 def cmd_alias_remove(args: argparse.Namespace, cfg: configmod.Config) -> int:
     async def fn(s: Storage) -> None:
         if args.alias.startswith("@"):
-            await s.directory.set_catchall(args.alias[1:], None)
+            await s.directory.remove_catchall(args.alias[1:])
         else:
             await s.directory.remove_alias(args.alias)
         print(f"removed alias {args.alias}")

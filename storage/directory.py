@@ -201,8 +201,11 @@ class Directory:
             for k, _ in tr.get_range(*keys.ADDRESSES):
                 if keys.unpack(k)[2].endswith("@" + name):
                     raise InvalidInput(f"domain {name} still has accounts or aliases; remove them first")
+            # A catch-all (whose account may live in another domain) counts as
+            # an alias: it goes by `alias remove @domain`, never silently.
+            if tr.get(keys.catchall(name)) is not None:
+                raise InvalidInput(f"domain {name} still has a catch-all; remove it first (alias remove @{name})")
             tr.clear(keys.domain(name))
-            tr.clear(keys.catchall(name))
             _bump(tr)
 
         await self.db.transact(fn)
@@ -372,17 +375,38 @@ class Directory:
 
         return await self.db.read(fn)
 
-    async def set_catchall(self, domain_name: str, target: str | None) -> None:
+    async def add_catchall(self, domain_name: str, target: str) -> None:
+        """Deliver mail for unknown addresses of ``domain_name`` to account
+        ``target``. Like an alias, a domain has at most one: raises
+        :class:`AlreadyExists` while it has one (remove it first)."""
         domain_name = normalize_domain(domain_name)
-        account = await self.get(target) if target else None
+        account = await self.get(target)
 
         def fn(tr: Transaction) -> None:
             if tr.get(keys.domain(domain_name)) is None:
                 raise UnknownDomain(f"domain {domain_name} is not hosted here")
-            if account is None:
-                tr.clear(keys.catchall(domain_name))
-            else:
-                tr.set(keys.catchall(domain_name), str(account.id).encode())
+            current = tr.get(keys.catchall(domain_name))
+            if current is not None:
+                holder = get_account(tr, int(current))
+                to = f" (to {holder.email})" if holder is not None else ""
+                raise AlreadyExists(f"catch-all @{domain_name} already exists{to}; remove it first")
+            if get_account(tr, account.id) is None:
+                raise UnknownUser(f"no account {target}")
+            tr.set(keys.catchall(domain_name), str(account.id).encode())
+            _bump(tr)
+
+        await self.db.transact(fn)
+
+    async def remove_catchall(self, domain_name: str) -> None:
+        """Remove the catch-all of ``domain_name``; :class:`NotFound` if it has none."""
+        domain_name = normalize_domain(domain_name)
+
+        def fn(tr: Transaction) -> None:
+            if tr.get(keys.domain(domain_name)) is None:
+                raise UnknownDomain(f"domain {domain_name} is not hosted here")
+            if tr.get(keys.catchall(domain_name)) is None:
+                raise NotFound(f"no catch-all @{domain_name}")
+            tr.clear(keys.catchall(domain_name))
             _bump(tr)
 
         await self.db.transact(fn)

@@ -35,6 +35,38 @@ def test_domain_account_alias_lifecycle(tmp_path: Path) -> None:
     assert rookery("mail", "list", "alice@example.org", data=data).stdout == ""
 
 
+def test_a_catch_all_is_added_once_removed_once_and_holds_its_domain(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for domain in ("example.org", "old.test"):
+        rookery("domain", "add", domain, data=data)
+    rookery("account", "add", "alice@example.org", "--password", "pw", data=data)
+    rookery("account", "add", "bob@example.org", "--password", "pw", data=data)
+    rookery("alias", "add", "@old.test", "alice@example.org", data=data)
+
+    def refused(*args: str, message: str) -> None:
+        result = rookery(*args, data=data, check=False)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+        assert result.stdout == "", (args, result.stdout)
+
+    # As with an alias that exists: no silent replacement.
+    refused("alias", "add", "@old.test", "bob@example.org",
+            message="catch-all @old.test already exists (to alice@example.org); remove it first")
+    assert "@old.test\talice@example.org" in rookery("alias", "list", data=data).stdout
+    # The catch-all (to an account of another domain) holds its domain like an alias would.
+    refused("domain", "remove", "old.test", message="domain old.test still has a catch-all; remove it first")
+    assert "old.test" in rookery("domain", "list", data=data).stdout.split()
+
+    assert rookery("alias", "remove", "@old.test", data=data).stdout.strip() == "removed alias @old.test"
+    refused("alias", "remove", "@old.test", message="no catch-all @old.test")
+    refused("alias", "remove", "@nowhere.test", message="domain nowhere.test is not hosted here")
+    rookery("alias", "add", "@old.test", "bob@example.org", data=data)
+    assert "@old.test\tbob@example.org" in rookery("alias", "list", data=data).stdout
+    rookery("alias", "remove", "@old.test", data=data)
+    assert rookery("domain", "remove", "old.test", data=data).stdout.strip() == "removed domain old.test"
+    assert rookery("domain", "list", data=data).stdout.split() == ["example.org"]
+
+
 def test_bad_input_gives_clear_errors_and_nonzero_exit(tmp_path: Path) -> None:
     data = tmp_path / "data"
     rookery("domain", "add", "example.org", data=data)

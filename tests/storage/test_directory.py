@@ -56,7 +56,7 @@ async def test_resolution_of_aliases_catchall_and_subaddress(storage: Storage) -
         await storage.directory.resolve("carol@example.org")
     with pytest.raises(UnknownDomain):
         await storage.directory.resolve("carol@elsewhere.test")
-    await storage.directory.set_catchall("example.org", "bob@example.org")
+    await storage.directory.add_catchall("example.org", "bob@example.org")
     assert await storage.directory.resolve("carol@example.org") == bob
     with pytest.raises(AlreadyExists):
         await storage.directory.add_alias("bob@example.org", "alice@example.org")

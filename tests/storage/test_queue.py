@@ -215,7 +215,7 @@ async def test_sender_ownership_and_rate_limit(storage: Storage, queue: Queue) -
     alice = await make_account(storage, "alice@example.org")
     bob = await make_account(storage, "bob@example.org")
     await storage.directory.add_alias("sales@example.org", "alice@example.org")
-    await storage.directory.set_catchall("example.org", "bob@example.org")
+    await storage.directory.add_catchall("example.org", "bob@example.org")
     assert await queue.sender_owned(alice, "alice@example.org")
     assert await queue.sender_owned(alice, "Alice+news@Example.ORG")
     assert await queue.sender_owned(alice, "sales@example.org")

@@ -118,7 +118,7 @@ async def test_aliases_catchall_and_subaddress(node: ServerState) -> None:
     assert await asyncio.to_thread(send, "ALICE@Example.ORG") == {}
     with pytest.raises(smtplib.SMTPRecipientsRefused):
         await asyncio.to_thread(send, "random@example.org")
-    await node.storage.directory.set_catchall("example.org", "bob@example.org")
+    await node.storage.directory.add_catchall("example.org", "bob@example.org")
     assert await asyncio.to_thread(send, "random@example.org") == {}
     assert len(await inbox(node, "alice@example.org")) == 3
     assert len(await inbox(node, "bob@example.org")) == 1
@@ -204,7 +204,7 @@ async def test_size_limit(node: ServerState) -> None:
 
 
 async def test_too_many_recipients(node: ServerState) -> None:
-    await node.storage.directory.set_catchall("example.org", "alice@example.org")
+    await node.storage.directory.add_catchall("example.org", "alice@example.org")
 
     def run() -> list[int]:
         with client(node) as s:
