@@ -362,7 +362,7 @@ class SubmissionHandler:
                 body = await self.signer(body)
             except Exception:
                 # An unsigned message is better than a refused one; say so loudly.
-                log.exception("DKIM signing failed", extra={"id": queue_id})
+                log.exception("DKIM signing failed", extra={"peer": peer, "id": queue_id})
         raw = self.trace_header(session, server, queue_id) + body
         if len(raw) > self.limits.max_message_size + 64 * 1024:
             return "552 5.3.4 Message too big"
@@ -406,7 +406,7 @@ class SubmissionHandler:
                     return TEMP_FAILURE
                 # The remote part is committed: a 4xx now would make the
                 # client send it twice. The queue takes the local part.
-                log.warning("local delivery deferred to the queue: %r", exc, extra={"id": queue_id})
+                log.warning("local delivery deferred to the queue: %r", exc, extra={"peer": peer, "id": queue_id})
                 try:
                     await self.queue.add_recipients(queued.id, [(r.address, r.account) for r in local])
                 except Exception:

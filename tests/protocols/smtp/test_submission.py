@@ -366,3 +366,36 @@ async def test_dsn_parameters_are_kept_with_the_queued_message(env: SimpleNamesp
     assert by_address["dave@remote.test"].notify == "NEVER"
     shown = format_message(queued)
     assert "ret HDRS  envid Order+17" in shown and "notify FAILURE,DELAY  orcpt rfc822;Carol@Remote.Test" in shown
+
+
+async def test_every_session_log_line_names_its_peer(env: SimpleNamespace, server_tls: ssl.SSLContext,
+                                                     client_tls: ssl.SSLContext, caplog: pytest.LogCaptureFixture) -> None:
+    """Refused logins, refused senders, a failing signer, a local delivery
+    deferred to the queue and a submission: each log record has a peer."""
+    import logging
+
+    async def broken_signer(raw: bytes) -> bytes:
+        raise RuntimeError("no key")
+
+    await env.storage.directory.set_quota("bob@example.org", 10)  # bob's copy will not fit: deferred to the queue
+    async with listening(env, server_tls, signer=broken_signer) as port:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="rookery"):
+            async with connect(port, client_tls) as client:
+                local_port = client.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
+                with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+                    await client.auth_plain("alice@example.org", "wrong")
+                await client.auth_plain("alice@example.org", "secret")
+                with pytest.raises(aiosmtplib.SMTPSenderRefused):
+                    await client.mail("bob@example.org")
+                with pytest.raises(aiosmtplib.SMTPDataError):
+                    await client.sendmail("alice@example.org", ["carol@remote.test"], message(sender="bob@example.org"))
+                await client.rset()
+                errors, _ = await client.sendmail("alice@example.org", ["bob@example.org", "carol@remote.test"], message())
+                assert errors == {}
+    records = [r for r in caplog.records if r.name.startswith("rookery")]
+    messages = {r.getMessage().split(":")[0] for r in records}
+    assert {"submission auth failed", "submission auth ok", "sender not owned", "From", "DKIM signing failed",
+            "local delivery deferred to the queue", "submitted"} <= messages, messages
+    for record in records:
+        assert getattr(record, "peer", None) == f"127.0.0.1:{local_port}", (record.name, record.getMessage())
