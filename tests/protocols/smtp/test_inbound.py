@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import make_account, node_config, running_node
+from helpers import make_account, node_config, rookery, running_node
 
 from server.node import ServerState
-from storage import keys
+from storage import keys, mail
 
 MESSAGE = (
     b"From: Bob <bob@remote.test>\r\n"
@@ -142,6 +142,57 @@ async def test_over_quota_is_refused_at_rcpt(node: ServerState) -> None:
     with pytest.raises(smtplib.SMTPRecipientsRefused) as err:
         await asyncio.to_thread(send)
     assert err.value.recipients["tiny@example.org"][0] == 452
+
+
+async def _usage(state: ServerState, email: str) -> tuple[int, int]:
+    acct = (await state.storage.directory.get(email)).id
+    return await state.storage.db.read(lambda tr: mail.quota_usage(tr, acct))
+
+
+async def test_one_recipient_over_quota_at_data_stores_the_message_for_none(node: ServerState) -> None:
+    await make_account(node.storage, "tiny@example.org", quota=1000)
+    big = MESSAGE + (b"x" * 78 + b"\r\n") * 25  # fits tiny's empty box at RCPT, not at DATA
+
+    def send(rcpts: list[str]) -> dict[str, tuple[int, bytes]]:
+        with client(node) as s:
+            return s.sendmail("x@remote.test", rcpts, big)
+
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        await asyncio.to_thread(send, ["alice@example.org", "tiny@example.org"])
+    assert err.value.smtp_code == 452
+    assert await inbox(node, "alice@example.org") == [] and await inbox(node, "tiny@example.org") == []
+    assert await _usage(node, "alice@example.org") == (0, 0) and await _usage(node, "tiny@example.org") == (0, 0)
+    # Without the full mailbox, the same message goes through, once.
+    assert await asyncio.to_thread(send, ["alice@example.org"]) == {}
+    [stored] = await inbox(node, "alice@example.org")
+    assert stored.endswith(big)
+
+
+async def test_an_account_removed_between_rcpt_and_data_stores_the_message_for_none(
+    node: ServerState, tmp_path: Path
+) -> None:
+    s = await asyncio.to_thread(client, node)
+    try:
+        def envelope() -> None:
+            s.ehlo("client.test")
+            assert s.mail("x@remote.test")[0] == 250
+            assert s.rcpt("alice@example.org")[0] == 250
+            assert s.rcpt("bob@example.org")[0] == 250
+
+        await asyncio.to_thread(envelope)
+        # Another process removes bob while the transaction is open.
+        await asyncio.to_thread(rookery, "account", "remove", "bob@example.org", data=tmp_path / "data")
+        code, reply = await asyncio.to_thread(s.data, MESSAGE)
+        assert (code, reply[:5]) == (451, b"4.1.0"), (code, reply)
+        # The session goes on; the client's retry gets the new answer at RCPT.
+        await asyncio.to_thread(s.rset)
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            await asyncio.to_thread(s.sendmail, "x@remote.test", ["bob@example.org"], MESSAGE)
+        assert refused.value.recipients["bob@example.org"][0] == 550
+    finally:
+        await asyncio.to_thread(s.close)
+    assert await inbox(node, "alice@example.org") == []
+    assert await _usage(node, "alice@example.org") == (0, 0)
 
 
 async def test_cached_rcpt_answers_are_checked_at_delivery(node: ServerState) -> None:
