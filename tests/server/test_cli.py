@@ -67,6 +67,58 @@ def test_a_catch_all_is_added_once_removed_once_and_holds_its_domain(tmp_path: P
     assert rookery("domain", "list", data=data).stdout.split() == ["example.org"]
 
 
+def test_account_remove_frees_the_blobs_only_it_referenced_after_the_grace_period(tmp_path: Path) -> None:
+    from storage import Storage, blobs, keys
+
+    data = tmp_path / "data"
+    rookery("domain", "add", "example.org", data=data)
+    for user in ("alice", "bob"):
+        rookery("account", "add", f"{user}@example.org", "--password", "pw", data=data)
+    own = b"Subject: only alice\r\n\r\nmine\r\n"
+    big = b"Subject: big, only alice\r\n\r\n" + b"y" * (blobs.INLINE_MAX + 2 * blobs.CHUNK_SIZE)  # chunked
+    shared = b"Subject: both\r\n\r\nours\r\n"
+
+    async def setup() -> None:
+        s = Storage.open("embedded", data_dir=data)
+        try:
+            alice, bob = [(await s.directory.get(f"{u}@example.org")).id for u in ("alice", "bob")]
+            for raw in (own, big, shared):
+                await s.mail.append(alice, "INBOX", raw)
+            await s.mail.append(bob, "Archive", shared)
+        finally:
+            await s.close()
+
+    async def state(now: float | None) -> dict[str, Any]:
+        s = Storage.open("embedded", data_dir=data)
+        try:
+            if now is not None:
+                await s.mail.purge(now=now)
+
+            def read(tr: Any) -> dict[str, Any]:
+                return {
+                    name: (blobs.exists(tr, blobs.digest_of(raw)),
+                           len(tr.get_range(*keys.blob_chunks(blobs.digest_of(raw)))))
+                    for name, raw in (("own", own), ("big", big), ("shared", shared))
+                }
+
+            found = await s.db.read(read)
+            bob = (await s.directory.get("bob@example.org")).id
+            found["bob"] = [await s.mail.read_blob(e.digest) for _, e in await s.mail.list_messages(bob, "Archive") if e]
+            return found
+        finally:
+            await s.close()
+
+    asyncio.run(setup())
+    before = asyncio.run(state(None))
+    assert before["own"][0] and before["shared"][0] and before["big"][0] and before["big"][1] > 1
+    assert rookery("account", "remove", "alice@example.org", data=data).stdout.strip() == "removed account alice@example.org"
+    # Within the grace period a purge takes nothing.
+    assert asyncio.run(state(time.time())) == before
+    after = asyncio.run(state(time.time() + blobs.GRACE_SECONDS + 60))
+    assert after["own"] == (False, 0) and after["big"] == (False, 0)
+    assert after["shared"] == before["shared"] and after["bob"] == [shared]
+
+
 def test_bad_input_gives_clear_errors_and_nonzero_exit(tmp_path: Path) -> None:
     data = tmp_path / "data"
     rookery("domain", "add", "example.org", data=data)
