@@ -177,7 +177,11 @@ def outbound_samples(worker: Any) -> Iterator[Sample]:
     stats = worker.stats
     if stats is None:
         return
-    yield Sample("rookery_queue_messages", "Messages in the outbound queue, all nodes together.", "gauge", stats.messages)
+    # The size counter starts at 0 on a store whose queue held mail before the
+    # counter existed, so it may go below 0 there (and stays that many low):
+    # a negative size is shown as 0.
+    yield Sample("rookery_queue_messages", "Messages in the outbound queue, all nodes together.", "gauge",
+                 max(0, stats.messages))
     for rule in worker.throttles:
         slots, hourly = stats.throttles.get(rule.name, (0, 0))
         labels = {"rule": rule.name}

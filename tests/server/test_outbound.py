@@ -1072,3 +1072,23 @@ async def test_queue_metrics_of_a_node_over_http(tmp_path: Path, ca: trustme.CA)
             await wait_for(lambda: asyncio.to_thread(
                 lambda: scrape(http)["rookery_queue_delivered_recipients_total"] == 3))
             assert (await asyncio.to_thread(scrape, http))["rookery_queue_held_messages"] == 0
+
+
+async def test_queue_size_metric_never_goes_below_zero(storage: Storage) -> None:
+    """A store whose queue held mail before the size counter existed counts
+    those messages out but never in: the counter can go negative there."""
+    from server.metrics import outbound_samples
+    from storage.queue import read_stats
+
+    queue = Queue(storage.db)
+    await queue.enqueue("a@example.org", ["b@remote.test"], b"Subject: x\r\n\r\nx\r\n")
+
+    async def size_metric() -> int:
+        stats = await storage.db.read(lambda tr: read_stats(tr, [], time.time()))
+        worker = SimpleNamespace(counters={}, held=0, stats=stats, throttles=[])
+        [value] = [s.value for s in outbound_samples(worker) if s.name == "rookery_queue_messages"]
+        return int(value)
+
+    assert await size_metric() == 1
+    await storage.db.transact(lambda tr: tr.add(keys.QUEUE_SIZE, -3))  # as if 3 uncounted messages had gone
+    assert await size_metric() == 0
