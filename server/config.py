@@ -254,7 +254,7 @@ def parse_entry(text: str) -> Any:
     return text.strip()
 
 
-def parse_table(table: str, text: str) -> dict[str, Any]:
+def parse_table(text: str) -> dict[str, Any]:
     """A whole free table given as text (``ROOKERY_ROUTES``, ``ROOKERY_THROTTLE``,
     ``--set routes=...``): a JSON object of entries, as the TOML table would
     hold them, or ``key=value,key=value`` whose values are plain strings (a
@@ -349,7 +349,7 @@ def load(
 
     def put_table(table: str, raw: Any, origin: str) -> None:
         try:
-            extra[table] = dict(raw) if isinstance(raw, Mapping) else parse_table(table, str(raw))
+            extra[table] = dict(raw) if isinstance(raw, Mapping) else parse_table(str(raw))
         except ValueError as exc:
             raise ConfigError(f"{origin}: bad value for [{table}]: {exc}") from None
 
