@@ -151,6 +151,10 @@ def parse_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
     return host, int(port)
 
 
+#: What a ``[routes]`` table entry may hold.
+ROUTE_KEYS = frozenset({"host", "port", "username", "password", "tls", "verify"})
+
+
 def parse_routes(table: Mapping[str, Any] | None) -> dict[str, Route]:
     """``[routes]``: ``"domain" = "host:port"`` or ``"domain" = {host, port,
     username, password, tls, verify}``; the key ``"*"`` routes every domain."""
@@ -162,6 +166,9 @@ def parse_routes(table: Mapping[str, Any] | None) -> dict[str, Route]:
             continue
         if not isinstance(spec, Mapping) or "host" not in spec:
             raise ValueError(f"[routes] {domain!r} must be \"host:port\" or a table with host")
+        unknown = set(spec) - ROUTE_KEYS
+        if unknown:
+            raise ValueError(f"[routes] {domain!r}: unknown key(s) {', '.join(sorted(unknown))} ({', '.join(sorted(ROUTE_KEYS))})")
         host, port = parse_hostport(str(spec["host"]), int(spec.get("port", 25)))
         tls = str(spec.get("tls", "opportunistic"))
         if tls not in TLS_MODES:

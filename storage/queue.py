@@ -674,6 +674,9 @@ def parse_throttles(table: Any) -> list[ThrottleRule]:
     for pattern, spec in dict(table or {}).items():
         if not isinstance(spec, dict):
             raise ValueError(f"[throttle] {pattern!r} must be a table with connections / per_hour")
+        unknown = set(spec) - {"connections", "per_hour"}
+        if unknown:  # a typo must not leave a destination unthrottled
+            raise ValueError(f"[throttle] {pattern!r}: unknown key(s) {', '.join(sorted(unknown))} (connections, per_hour)")
         kind = "domain"
         if pattern.startswith("mx:"):
             kind, pattern = "mx", pattern[3:]

@@ -701,6 +701,8 @@ def test_routes_dsn_status_helpers() -> None:
     assert routes["*"] == Route("2001:db8::1", 587, "u", "p", "required")
     with pytest.raises(ValueError):
         parse_routes({"x": {"host": "h", "tls": "sometimes"}})
+    with pytest.raises(ValueError, match="user"):
+        parse_routes({"x": {"host": "h", "user": "u"}})  # a typo for username
     assert status_of("550 5.1.1 no") == "5.1.1"
     assert status_of("451 4.2.1 busy") == "5.2.1"  # a failed recipient's status is permanent
     assert status_of("554 no code") == "5.0.0"

@@ -254,6 +254,8 @@ def test_retry_schedule_and_throttle_rules() -> None:
     assert not rules[1].matches("gmail.com", None)
     with pytest.raises(ValueError):
         parse_throttles({"x": 3})
+    with pytest.raises(ValueError, match="per_hours"):
+        parse_throttles({"x": {"per_hours": 10}})  # a typo must not leave it unthrottled
 
 
 async def test_read_bodies_reads_small_messages_at_once_within_a_budget(queue: Queue) -> None:
