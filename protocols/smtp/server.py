@@ -107,7 +107,9 @@ class RookerySMTP(SMTP):
             if enhanced is not None:
                 text = f"{code} {enhanced} {text[4:]}"
         closing = text.startswith("421")
-        if text[:1] in ("4", "5") and not closing:
+        # "Too many recipients" is flow control (the client sends the rest in
+        # another transaction, RFC 5321 §4.5.3.1.10), not a client error.
+        if text[:1] in ("4", "5") and not closing and not text.startswith("452 4.5.3"):
             self._errors += 1
             if self._errors >= self._limits.max_bad_commands:
                 await super().push(text)
