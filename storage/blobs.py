@@ -149,12 +149,16 @@ async def read(db: Database, digest: bytes, start: int = 0, length: int | None =
     return b"".join(parts)
 
 
-async def stream(db: Database, digest: bytes, start: int, end: int) -> AsyncIterator[bytes]:
-    """Yield bytes ``start..end`` in pieces of at most a few MB each."""
-    step = WRITE_BATCH
+async def stream(
+    db: Database, digest: bytes, start: int, end: int, step: int = WRITE_BATCH
+) -> AsyncIterator[bytes]:
+    """Yield bytes ``start..end`` in pieces of at most ``step`` bytes (a few
+    MB by default), one read transaction each. Pieces after the first end on
+    chunk boundaries, so no chunk is read twice."""
+    step = max(CHUNK_SIZE, step - step % CHUNK_SIZE)
     pos = start
     while pos < end:
-        n = min(step, end - pos)
+        n = min(step - pos % CHUNK_SIZE, end - pos)
         yield await db.read(functools.partial(_read_piece, digest=digest, start=pos, length=n))
         pos += n
 

@@ -1298,6 +1298,12 @@ class MailStore:
     async def read_blob(self, digest: bytes, start: int = 0, length: int | None = None) -> bytes:
         return await blobs.read(self.db, digest, start, length)
 
+    def stream_blob(self, digest: bytes, start: int, length: int, step: int) -> AsyncIterator[bytes]:
+        """Bytes ``start..start+length`` of a blob (fewer if it is shorter),
+        in pieces of at most ``step`` bytes, one read each: for sending a
+        large body without holding it whole (IMAP FETCH)."""
+        return blobs.stream(self.db, digest, start, start + length, step)
+
     async def list_messages(self, acct: int, mailbox: str) -> list[tuple[Message, Email | None]]:
         """Every message of a mailbox with its email, in UID order (read in
         pages: see :meth:`message_pages`)."""

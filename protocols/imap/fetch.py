@@ -8,7 +8,7 @@ from the blob, reading only the byte range a section or partial needs.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from storage import mime
@@ -18,6 +18,31 @@ from . import response as r
 from .commands import FetchItem
 
 RawReader = Callable[[Email, int, int | None], Awaitable[bytes]]
+#: ``(email, start, length, step)``: the bytes of a range in pieces of at most ``step``.
+RawStreamer = Callable[[Email, int, int, int], AsyncIterator[bytes]]
+
+#: A literal larger than this is sent as it is read (in pieces of
+#: :data:`STREAM_STEP`), not read whole first: ``FETCH 1:* BODY.PEEK[]``
+#: needs bounded memory, not the mailbox's size.
+STREAM_MIN = 256 * 1024
+#: Bytes read per transaction when streaming: two blob chunks.
+STREAM_STEP = 192 * 1024
+
+
+@dataclass(slots=True)
+class Streamed:
+    """A FETCH item whose literal is sent as it is produced: ``head`` (the
+    item's label and a space), ``{length}`` (``~{length}``, literal8, when
+    ``literal8``), then the bytes :attr:`pieces` yields, ``length`` in all."""
+
+    head: bytes
+    length: int
+    literal8: bool
+    pieces: Callable[[], AsyncIterator[bytes]]
+
+
+#: One piece of a FETCH response: bytes, or a literal streamed in place.
+Piece = bytes | Streamed
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -157,30 +182,37 @@ def render_record(
 class Renderer:
     """Renders the FETCH items of one message."""
 
-    def __init__(self, read_raw: RawReader, utf8: bool) -> None:
+    def __init__(self, read_raw: RawReader, stream_raw: RawStreamer, utf8: bool) -> None:
         self.read_raw = read_raw
+        self.stream_raw = stream_raw
         self.utf8 = utf8
 
-    async def render(
-        self,
-        seq: int,
-        msg: Message,
-        email: Email | None,
-        items: Sequence[FetchItem],
-        *,
-        with_uid: bool,
-        with_modseq: bool,
-        flags_changed: bool = False,
-    ) -> bytes:
-        content = await self.content(msg, email, items)
-        return self.assemble(seq, msg, items, content, with_uid=with_uid, with_modseq=with_modseq, flags_changed=flags_changed)
+    def check(self, email: Email | None, items: Sequence[FetchItem]) -> None:
+        """Raise the :class:`FetchError` that rendering ``items`` would, from
+        the structure alone (no body read). FETCH checks every message
+        before it sets \\Seen or sends anything, so that a failing one
+        changes nothing (RFC 9051 §6.4.5), and then streams the content."""
+        structure: mime.Message | None = None
+        for item in items:
+            name = item.name
+            if name in SIMPLE_ITEMS:
+                continue
+            if email is None or email.encoded is None:
+                raise FetchError("UNAVAILABLE", "message content is not available")
+            if (name == "BODY" and item.section is not None) or name in ("BINARY", "BINARY.SIZE"):
+                if structure is None:
+                    structure = email.structure
+                    assert structure is not None
+                if name == "BODY":
+                    _section_range(structure, item)
+                else:
+                    _binary_part(structure, item)
 
-    async def content(self, msg: Message, email: Email | None, items: Sequence[FetchItem]) -> dict[int, bytes]:
+    async def content(self, msg: Message, email: Email | None, items: Sequence[FetchItem]) -> dict[int, Piece]:
         """The items that come from the message's content (everything but
-        :data:`SIMPLE_ITEMS`), by their index in ``items``. Raises
-        :class:`FetchError`: a FETCH renders all content before it changes
-        any flag, so that a failing one changes nothing (RFC 9051 §6.4.5)."""
-        out: dict[int, bytes] = {}
+        :data:`SIMPLE_ITEMS`), by their index in ``items``; large literals
+        as :class:`Streamed`. Raises :class:`FetchError` (see :meth:`check`)."""
+        out: dict[int, Piece] = {}
         for i, item in enumerate(items):
             if item.name not in SIMPLE_ITEMS:
                 out[i] = await self._item(msg, email, item)
@@ -191,17 +223,19 @@ class Renderer:
         seq: int,
         msg: Message,
         items: Sequence[FetchItem],
-        content: dict[int, bytes],
+        content: dict[int, Piece],
         *,
         with_uid: bool,
         with_modseq: bool,
         flags_changed: bool = False,
-    ) -> bytes:
+    ) -> list[Piece]:
         """One FETCH response: ``content`` from :meth:`content`, the record
-        items (FLAGS, MODSEQ...) from ``msg`` as it is now."""
+        items (FLAGS, MODSEQ...) from ``msg`` as it is now. Bytes, with any
+        streamed literal in its place."""
         if not content:
-            return render_record(seq, msg, items, with_uid=with_uid, with_modseq=with_modseq, flags_changed=flags_changed)
+            return [render_record(seq, msg, items, with_uid=with_uid, with_modseq=with_modseq, flags_changed=flags_changed)]
         out: list[bytes] = []
+        pieces: list[Piece] = []
         names: set[str] = set()
         if with_uid:
             out.append(b"UID %d" % msg.uid)
@@ -211,14 +245,25 @@ class Renderer:
                 continue
             names.add(item.name)
             simple = _simple(msg, item.name)
-            out.append(simple if simple is not None else content[i])
+            value = simple if simple is not None else content[i]
+            if isinstance(value, Streamed):
+                # The text so far, the literal, and the rest after it.
+                pieces.append(b"* %d FETCH (" % seq + b" ".join(out) + (b" " if out else b"") if not pieces
+                              else b" " + b" ".join(out) + (b" " if out else b""))
+                pieces.append(value)
+                out = []
+            else:
+                out.append(value)
         if flags_changed and "FLAGS" not in names:
             out.append(b"FLAGS " + r.encode_flags(msg.flags))
         if with_modseq and "MODSEQ" not in names:
             out.append(b"MODSEQ (%d)" % msg.modseq)
-        return b"* %d FETCH (" % seq + b" ".join(out) + b")\r\n"
+        if not pieces:
+            return [b"* %d FETCH (" % seq + b" ".join(out) + b")\r\n"]
+        pieces.append((b" " + b" ".join(out) if out else b"") + b")\r\n")
+        return pieces
 
-    async def _item(self, msg: Message, email: Email | None, item: FetchItem) -> bytes:
+    async def _item(self, msg: Message, email: Email | None, item: FetchItem) -> Piece:
         name = item.name
         if email is None or email.encoded is None:
             raise FetchError("UNAVAILABLE", "message content is not available")
@@ -232,20 +277,30 @@ class Renderer:
         structure = email.structure
         assert structure is not None
         if name == "RFC822":
-            return b"RFC822 " + _text_literal(await self.read_raw(email, 0, None))
+            return await self._text(b"RFC822 ", email, 0, structure.root.end)
         if name == "RFC822.HEADER":
             return b"RFC822.HEADER " + _text_literal(await self.read_raw(email, 0, structure.root.body_start))
         if name == "RFC822.TEXT":
             start = structure.root.body_start
-            return b"RFC822.TEXT " + _text_literal(await self.read_raw(email, start, structure.root.end - start))
+            return await self._text(b"RFC822.TEXT ", email, start, structure.root.end - start)
         if name == "BODY":
-            return item.label() + b" " + _text_literal(await self._body_section(email, structure, item))
-        if name in ("BINARY", "BINARY.SIZE"):
-            decoded = await self._binary(email, structure, item)
-            if name == "BINARY.SIZE":
-                return item.label() + b" %d" % len(decoded)
-            return item.label() + b" " + r.binary(_partial(decoded, item))
+            return await self._body_section(email, structure, item)
+        if name == "BINARY.SIZE":
+            return item.label() + b" %d" % await self._binary_size(email, structure, item)
+        if name == "BINARY":
+            return await self._binary(email, structure, item)
         raise FetchError("CLIENTBUG", f"unknown fetch item {name}")
+
+    async def _text(self, head: bytes, email: Email, start: int, length: int) -> Piece:
+        """A literal of the raw message's bytes ``start..start+length``."""
+        if length <= STREAM_MIN:
+            return head + _text_literal(await self.read_raw(email, start, length))
+
+        async def pieces() -> AsyncIterator[bytes]:
+            async for data in self.stream_raw(email, start, length, STREAM_STEP):
+                yield data.replace(b"\x00", b"\x80")  # as _text_literal
+
+        return Streamed(head, length, False, pieces)
 
     def _structure_item(self, email: Email, name: str) -> bytes:
         structure = email.structure
@@ -256,29 +311,57 @@ class Renderer:
             return b"BODYSTRUCTURE " + r.render_bodystructure(structure.root, True, utf8=self.utf8)
         return b"BODY " + r.render_bodystructure(structure.root, False, utf8=self.utf8)
 
-    async def _body_section(self, email: Email, structure: mime.Message, item: FetchItem) -> bytes:
+    async def _body_section(self, email: Email, structure: mime.Message, item: FetchItem) -> Piece:
+        head = item.label() + b" "
         rng = _section_range(structure, item)
         if item.text in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
             header = await self.read_raw(email, rng.start, rng.end - rng.start)
-            return _partial(mime.header_fields(header, list(item.headers), item.text == "HEADER.FIELDS.NOT"), item)
+            fields = mime.header_fields(header, list(item.headers), item.text == "HEADER.FIELDS.NOT")
+            return head + _text_literal(_partial(fields, item))
         if item.partial is not None:
             start, length = item.partial
             if start >= rng.end - rng.start:
-                return b""
+                return head + _text_literal(b"")
             # Only the bytes asked for are read from the blob chunks.
-            return await self.read_raw(email, rng.start + start, min(length, rng.end - rng.start - start))
-        return await self.read_raw(email, rng.start, rng.end - rng.start)
+            return await self._text(head, email, rng.start + start, min(length, rng.end - rng.start - start))
+        return await self._text(head, email, rng.start, rng.end - rng.start)
 
-    async def _binary(self, email: Email, structure: mime.Message, item: FetchItem) -> bytes:
-        section = list(item.section or ())
-        if not section:
-            return await self.read_raw(email, 0, None)
-        part = mime.find_part(structure, section)
+    # -- BINARY (RFC 3516) ------------------------------------------------------------
+
+    async def _binary(self, email: Email, structure: mime.Message, item: FetchItem) -> Piece:
+        head = item.label() + b" "
+        part = _binary_part(structure, item)
+        if part is None or part.encoding not in ("base64", "quoted-printable"):
+            # Nothing to decode: the stored bytes, as BODY[] but literal8.
+            base, size = (0, structure.root.end) if part is None else (part.body_start, part.end - part.body_start)
+            start, length = (0, size) if item.partial is None else (min(item.partial[0], size), item.partial[1])
+            length = min(length, size - start)
+            if length <= STREAM_MIN:
+                return head + r.binary(await self.read_raw(email, base + start, length) if length else b"")
+            return Streamed(head, length, True, lambda: self.stream_raw(email, base + start, length, STREAM_STEP))
+        decoded = mime.decode_body(await self.read_raw(email, 0, part.end), part)
+        return head + r.binary(_partial(decoded, item))
+
+    async def _binary_size(self, email: Email, structure: mime.Message, item: FetchItem) -> int:
+        part = _binary_part(structure, item)
         if part is None:
-            raise FetchError("NONEXISTENT", "no such body section")
-        if part.children or part.type == "multipart":
-            raise FetchError("UNKNOWN-CTE", "BINARY of a multipart is not defined")
-        if part.encoding not in ("7bit", "8bit", "binary", "base64", "quoted-printable"):
-            raise FetchError("UNKNOWN-CTE", f"cannot decode {part.encoding}")
-        raw = await self.read_raw(email, 0, part.end)
-        return mime.decode_body(raw, part)
+            return structure.root.end
+        if part.encoding not in ("base64", "quoted-printable"):
+            return part.end - part.body_start
+        return len(mime.decode_body(await self.read_raw(email, 0, part.end), part))
+
+
+def _binary_part(structure: mime.Message, item: FetchItem) -> mime.Part | None:
+    """The part a BINARY[...] names (None: the whole message), or the error
+    RFC 3516 §4.2 asks for."""
+    section = list(item.section or ())
+    if not section:
+        return None
+    part = mime.find_part(structure, section)
+    if part is None:
+        raise FetchError("NONEXISTENT", "no such body section")
+    if part.children or part.type == "multipart":
+        raise FetchError("UNKNOWN-CTE", "BINARY of a multipart is not defined")
+    if part.encoding not in ("7bit", "8bit", "binary", "base64", "quoted-printable"):
+        raise FetchError("UNKNOWN-CTE", f"cannot decode {part.encoding}")
+    return part

@@ -62,13 +62,21 @@ class ImapConnection:
         self.tls = writer.get_extra_info("sslcontext") is not None
         self.busy = False
         self.closing = False
+        self.mid_response = False
+        #: Most output bytes ever waiting in the transport (just after a write).
+        self.peak_buffered = 0
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, more: bool = False) -> None:
         if not data or self.writer.is_closing():
             return
-        # Whole responses in one write: clients that read partial lines never
-        # see a response split at an odd place.
+        # Whole responses per write, except a large literal streamed in
+        # pieces (``more``): clients that read partial lines never see a
+        # response split at an odd place, and shutdown() adds no BYE inside one.
+        self.mid_response = more
         self.writer.write(data)
+        buffered = self.writer.transport.get_write_buffer_size()
+        if buffered > self.peak_buffered:
+            self.peak_buffered = buffered
         await self.writer.drain()
 
     async def read_line(self, timeout: float) -> bytes | None:
@@ -253,7 +261,8 @@ class ImapConnection:
         self.closing = True
         if not self.writer.is_closing():
             with contextlib.suppress(Exception):
-                self.writer.write(BYE_SHUTDOWN)
+                if not self.mid_response:  # BYE inside a literal would be its data
+                    self.writer.write(BYE_SHUTDOWN)
                 self.writer.close()
 
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +26,8 @@ from ..push import PushHub, Subscription
 from . import commands as c
 from . import response as r
 from . import search as searching
-from .fetch import SIMPLE_ITEMS, FetchError, Renderer, needs_email, render_record, sets_seen
+from .fetch import SIMPLE_ITEMS, FetchError, RawReader, RawStreamer, Renderer, needs_email, render_record, sets_seen
+from .output import BrokenResponse, Output
 from .parse import ParseError, decode_mutf7, encode_mutf7, parse_authenticate_response
 from .selected import InvalidSequence, MailboxGone, Selected
 
@@ -67,7 +68,10 @@ class Connection(Protocol):
     tls: bool
     loopback: bool
 
-    async def write(self, data: bytes) -> None: ...
+    async def write(self, data: bytes, more: bool = False) -> None:
+        """Send ``data``; ``more``: it ends inside a response (a literal being
+        streamed), so nothing else may be sent before the rest."""
+        ...
 
     async def read_line(self, timeout: float) -> bytes | None:
         """One line with its CRLF; None when the client is gone or silent for
@@ -178,7 +182,7 @@ class ImapSession:
         # The store's reader, not a method of this session: a bound method
         # here would make session and renderer a reference cycle, which only
         # the garbage collector frees.
-        self.renderer = Renderer(_blob_reader(storage), utf8=False)
+        self.renderer = Renderer(*_blob_reader(storage), utf8=False)
 
     # -- capabilities --------------------------------------------------------------
 
@@ -247,6 +251,9 @@ class ImapSession:
             lines = await handler(cmd)
         except (Logout, asyncio.CancelledError):
             raise
+        except BrokenResponse:
+            log.error("imap response cut short", extra={"peer": self.conn.peer, "command": cmd.name})
+            raise Logout() from None
         except MailboxGone:
             await self.conn.write(r.untagged_status("BYE", None, "Selected mailbox was deleted, closing"))
             raise Logout() from None
@@ -674,21 +681,28 @@ class ImapSession:
             if vanished:
                 lines.append(r.untagged(b"VANISHED (EARLIER)", r.encode_seqset(vanished)))
         names = {i.name for i in cmd.items}
+        out = Output(self.conn)
+        for line in lines:
+            out.add(line)
         if names <= {"UID", "FLAGS"} and "FLAGS" in names and (cmd.uid or "UID" in names) and cmd.changedsince is None:
             # The flag sync every client runs on every mailbox, in one format,
             # each distinct flag list encoded once.
-            lines += _flag_lines(pairs, *sel.layers())
-            lines += await self.updates("FETCH", cmd.uid)
-            return lines + [r.tagged(cmd.tag, "OK", None, "FETCH completed")]
+            for block in _flag_lines(pairs, *sel.layers()):
+                if out.add(block):
+                    await out.flush()
+            return out.rest() + await self.updates("FETCH", cmd.uid) + [r.tagged(cmd.tag, "OK", None, "FETCH completed")]
         msgs = [(seq, m) for seq, uid in pairs if (m := sel.msg(uid)) is not None]
         if cmd.changedsince is not None:
             msgs = [(s, m) for s, m in msgs if m.modseq > cmd.changedsince]
-        # Content first, flags after: a FETCH that fails part way (a missing
-        # section, say) answers NO and must leave \Seen alone, or the client
-        # would never learn of a flag change it caused (RFC 9051 §6.4.5).
-        contents: list[tuple[int, Message, dict[int, bytes]]] = []
-        if names <= SIMPLE_ITEMS:
-            contents = [(seq, msg, {}) for seq, msg in msgs]
+        # Every message is checked before any flag changes or any content is
+        # read: a FETCH that fails (a missing section, say) answers NO and
+        # must leave \Seen alone, or the client would never learn of a flag
+        # change it caused (RFC 9051 §6.4.5). Content is then read and
+        # written message by message, in bounded pieces (output.py).
+        simple = names <= SIMPLE_ITEMS
+        todo: list[tuple[int, Message, Email | None]] = []
+        if simple:
+            todo = [(seq, msg, None) for seq, msg in msgs]
         else:
             emails: dict[int, Email] = {}
             if needs_email(cmd.items) and msgs:
@@ -697,26 +711,32 @@ class ImapSession:
                 email = emails.get(msg.email_id)
                 if email is None and needs_email(cmd.items):
                     continue  # expunged meanwhile by another session: nothing to show
-                contents.append((seq, msg, await self.renderer.content(msg, email, cmd.items)))
+                self.renderer.check(email, cmd.items)
+                todo.append((seq, msg, email))
         seen_changed: set[int] = set()
         if sets_seen(cmd.items) and not sel.readonly:
-            unseen = [m.uid for _, m, _ in contents if "\\Seen" not in m.flags]
+            unseen = [m.uid for _, m, _ in todo if "\\Seen" not in m.flags]
             if unseen:
                 changed, _ = await self.storage.mail.store_flags(acct, sel.mailbox.id, unseen, "add", ["\\Seen"])
                 sel.note_own(changed)
                 seen_changed = {m.uid for m in changed}
-                contents = [(s, sel.msg(m.uid) or m, body) for s, m, body in contents]
+                todo = [(s, sel.msg(m.uid) or m, e) for s, m, e in todo]
         with_modseq = cmd.changedsince is not None or (self.condstore and bool(seen_changed))
         # RFC 7162 §3.1: with CONDSTORE on, a FETCH that set \Seen carries
         # UID and MODSEQ for the messages it changed.
-        lines += [
-            self.renderer.assemble(seq, msg, cmd.items, body,
-                                   with_uid=cmd.uid or (self.condstore and msg.uid in seen_changed),
-                                   with_modseq=with_modseq, flags_changed=msg.uid in seen_changed)
-            for seq, msg, body in contents
-        ]
-        lines += await self.updates("FETCH", cmd.uid)
-        return lines + [r.tagged(cmd.tag, "OK", None, "FETCH completed")]
+        condstore = self.condstore
+        for seq, msg, email in todo:
+            with_uid = cmd.uid or (condstore and msg.uid in seen_changed)
+            flags_changed = msg.uid in seen_changed
+            if simple:
+                if out.add(render_record(seq, msg, cmd.items, with_uid=with_uid, with_modseq=with_modseq,
+                                         flags_changed=flags_changed)):
+                    await out.flush()
+                continue
+            body = await self.renderer.content(msg, email, cmd.items)
+            await out.response(self.renderer.assemble(seq, msg, cmd.items, body, with_uid=with_uid,
+                                                      with_modseq=with_modseq, flags_changed=flags_changed))
+        return out.rest() + await self.updates("FETCH", cmd.uid) + [r.tagged(cmd.tag, "OK", None, "FETCH completed")]
 
     async def do_STORE(self, cmd: c.Store) -> list[bytes]:
         sel = self._select_state()
@@ -859,28 +879,38 @@ class ImapSession:
         self.selected = None
 
 
-def _blob_reader(storage: Storage) -> Callable[[Email, int, int | None], Awaitable[bytes]]:
+def _blob_reader(storage: Storage) -> tuple[RawReader, RawStreamer]:
     async def read(email: Email, start: int, length: int | None) -> bytes:
         return await storage.mail.read_blob(email.digest, start, length)
 
-    return read
+    def stream(email: Email, start: int, length: int, step: int) -> AsyncIterator[bytes]:
+        return storage.mail.stream_blob(email.digest, start, length, step)
+
+    return read, stream
 
 
-def _flag_lines(pairs: list[tuple[int, int]], own: dict[int, Message], base: dict[int, Message]) -> list[bytes]:
+#: Messages per block of :func:`_flag_lines` (about 200 kB of text).
+FLAG_BLOCK = 4096
+
+
+def _flag_lines(pairs: list[tuple[int, int]], own: dict[int, Message], base: dict[int, Message]) -> Iterator[bytes]:
     """``* n FETCH (UID u FLAGS (...))`` for every pair, the message taken
-    from the session's overlay, else the shared map (:meth:`Selected.layers`)."""
+    from the session's overlay, else the shared map (:meth:`Selected.layers`),
+    in blocks of :data:`FLAG_BLOCK` messages."""
     # Built as text and encoded (UTF-8) once: str formatting is the faster
     # road in CPython.
     encoded: dict[tuple[str, ...], str] = {}
-    out = []
     mine, shared = own.get, base.get
-    for seq, uid in pairs:
-        msg = mine(uid) or shared(uid)
-        if msg is None:
-            continue
-        flags = msg.flags
-        tail = encoded.get(flags)
-        if tail is None:
-            tail = encoded[flags] = " FLAGS (" + " ".join(flags) + "))\r\n"
-        out.append(f"* {seq} FETCH (UID {uid}{tail}")
-    return ["".join(out).encode()] if out else []
+    for i in range(0, len(pairs), FLAG_BLOCK):
+        out = []
+        for seq, uid in pairs[i : i + FLAG_BLOCK]:
+            msg = mine(uid) or shared(uid)
+            if msg is None:
+                continue
+            flags = msg.flags
+            tail = encoded.get(flags)
+            if tail is None:
+                tail = encoded[flags] = " FLAGS (" + " ".join(flags) + "))\r\n"
+            out.append(f"* {seq} FETCH (UID {uid}{tail}")
+        if out:
+            yield "".join(out).encode()

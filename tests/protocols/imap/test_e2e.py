@@ -2332,3 +2332,56 @@ async def test_append_utf8_data_item(node: Node) -> None:
     assert cont.startswith(b"+ ")
     assert status_word(tagged) == b"OK" and code(tagged) == b"APPENDUID %d 1" % box.uidvalidity
     assert fetched == [b"* 1 FETCH (FLAGS (\\Seen) BODY[] {%d}\r\n" % len(raw) + raw + b")\r\n"]
+
+
+def _big_message(n: int, size: int) -> bytes:
+    """A message of about ``size`` bytes whose lines name it and their offset
+    (a shifted or repeated piece would not compare equal), one NUL inside."""
+    head = b"Subject: big %d\r\nFrom: a@b.c\r\n\r\n" % n
+    lines = [b"message %d line %08d ..........................................\r\n" % (n, i) for i in range(size // 64)]
+    lines[len(lines) // 2] = b"a NUL here:\x00" + lines[len(lines) // 2][12:]
+    return head + b"".join(lines)
+
+
+async def test_fetch_of_large_messages_streams_with_bounded_buffers(node: Node) -> None:
+    sizes = (1_500_000, 2_100_000, 300_000, 1_700_000)
+    raws = [_big_message(i, size) for i, size in enumerate(sizes)]
+    await node.seed(node.alice, *raws)
+    listener = ImapListener(node.state.storage, node.state.hub, ImapSettings(hostname="mx.test"), None)
+    port = await listener.start("127.0.0.1", 0)
+
+    def go() -> tuple[list[bytes], bytes, list[bytes], bytes]:
+        with Wire(port) as w:
+            w.login()
+            w.ok("SELECT INBOX")
+            tag = w.next_tag()
+            w.send(tag + b" FETCH 1:* (UID BODY.PEEK[] RFC822.SIZE)\r\n")
+            time.sleep(1.0)  # let the server fill whatever it buffers
+            text, tagged = w.until(tag)
+            tag = w.next_tag()
+            w.send(tag + b" UID FETCH 1:* (BINARY.PEEK[] BODY.PEEK[TEXT]<100.300000> FLAGS)\r\n")
+            time.sleep(1.0)
+            binary, tagged2 = w.until(tag)
+            return text, tagged, binary, tagged2
+
+    try:
+        task = asyncio.ensure_future(run(go))
+        while not listener.connections and not task.done():
+            await asyncio.sleep(0.01)
+        [conn] = listener.connections
+        text, tagged, binary, tagged2 = await task
+    finally:
+        listener.stop_accepting()
+        await listener.drain(1.0)
+    assert status_word(tagged) == b"OK" and status_word(tagged2) == b"OK"
+    assert len(text) == len(binary) == len(raws)
+    for i, raw in enumerate(raws):
+        # A literal cannot carry NUL: BODY[] sends it as 0x80; BINARY[] is exact.
+        assert text[i] == b"* %d FETCH (UID %d BODY[] {%d}\r\n" % (i + 1, i + 1, len(raw)) + raw.replace(b"\x00", b"\x80") \
+            + b" RFC822.SIZE %d)\r\n" % len(raw)
+        body = raw[raw.index(b"\r\n\r\n") + 4 :][100:300_100]
+        assert binary[i] == (b"* %d FETCH (UID %d BINARY[] ~{%d}\r\n" % (i + 1, i + 1, len(raw)) + raw
+                             + b" BODY[TEXT]<100> {%d}\r\n" % len(body) + body.replace(b"\x00", b"\x80") + b" FLAGS ())\r\n")
+    # 5.6 MB went out each time; the server never held more than a few
+    # hundred kB of it waiting for the client.
+    assert 0 < conn.peak_buffered < 1_000_000, conn.peak_buffered

@@ -35,7 +35,7 @@ class FakeConn:
         self.tls_started = 0
         self.wrote = asyncio.Event()
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, more: bool = False) -> None:
         self.out += data
         self.wrote.set()
 
