@@ -957,6 +957,90 @@ def _decode_cte(data: bytes, encoding: str) -> bytes:
     return data
 
 
+#: Bytes that are not base64 (alphabet or padding), dropped as :func:`_b64` does.
+_B64_DELETE = bytes(b for b in range(256) if not re.fullmatch(rb"[A-Za-z0-9+/=]", bytes([b])))
+
+
+class TooIrregular(Exception):
+    """The body cannot be decoded piece by piece exactly as :func:`decode_body`
+    would decode it whole (many ``=`` inside base64); decode it whole."""
+
+
+class Decoder:
+    """Incremental :func:`decode_body` of one part's body: :meth:`feed` the
+    encoded bytes in pieces of any size, then :meth:`end`; the outputs joined
+    equal ``decode_body`` of the whole. Lets IMAP BINARY stop once it has the
+    bytes a partial asks for, and BINARY.SIZE count without keeping the data.
+
+    ``count_only``: base64 outputs zero bytes of the right length instead of
+    decoding (the size of base64 data is known from its length). Raises
+    :class:`TooIrregular` where the whole-body rules cannot be followed
+    piece by piece.
+    """
+
+    def __init__(self, encoding: str, *, count_only: bool = False) -> None:
+        self.encoding = encoding if encoding in ("base64", "quoted-printable") else ""
+        self.count_only = count_only
+        self._rest = b""  # base64: sextets of the current run not yet decoded; QP: an unfinished line
+        self._equals = 0
+        self._qp_strip = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self.encoding == "base64":
+            return self._b64(data)
+        if self.encoding == "quoted-printable":
+            data = self._rest + data
+            cut = data.rfind(b"\n") + 1
+            self._rest = data[cut:]
+            return self._qp(data[:cut]) if cut else b""
+        return data
+
+    def end(self) -> bytes:
+        rest, self._rest = self._rest, b""
+        if self.encoding == "base64":
+            return self._b64_run(rest)
+        if self.encoding == "quoted-printable" and rest:
+            # _qp strips the last line too, but only when some line had
+            # trailing white space.
+            if self._qp_strip:
+                rest = rest[:-1].rstrip(b" \t") + b"\r" if rest.endswith(b"\r") else rest.rstrip(b" \t")
+            return self._qp(rest)
+        return b""
+
+    def _b64(self, data: bytes) -> bytes:
+        data = data.translate(None, _B64_DELETE)
+        self._equals += data.count(b"=")
+        if self._equals > 128:
+            # _b64 then ignores every "=", which it can only know at the end.
+            raise TooIrregular("base64 with many '='")
+        runs = data.split(b"=")
+        out = []
+        for i, run in enumerate(runs):
+            if i:
+                # "=" ends a run (padded streams are concatenated, _b64).
+                out.append(self._b64_run(self._rest))
+                self._rest = b""
+            buf = self._rest + run
+            n = len(buf) - len(buf) % 4
+            out.append(bytes(n // 4 * 3) if self.count_only else binascii.a2b_base64(buf[:n]))
+            self._rest = buf[n:]
+        return b"".join(out)
+
+    def _b64_run(self, rest: bytes) -> bytes:
+        r = len(rest)
+        if r < 2:  # a lone sextet carries no whole octet
+            return b""
+        return bytes(r - 1) if self.count_only else binascii.a2b_base64(rest + b"=" * (4 - r))
+
+    def _qp(self, data: bytes) -> bytes:
+        if b" \n" in data or b"\t\n" in data or b" \r\n" in data or b"\t\r\n" in data:
+            self._qp_strip = True
+        try:
+            return _qp(data)
+        except Exception:  # as _decode_cte: binascii on hostile input
+            raise TooIrregular("quoted-printable that does not decode") from None
+
+
 def decode_body(raw: bytes, part: Part) -> bytes:
     """Body of ``part`` with its content-transfer-encoding removed (RFC 2045 §6).
 

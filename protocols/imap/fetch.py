@@ -339,16 +339,79 @@ class Renderer:
             if length <= STREAM_MIN:
                 return head + r.binary(await self.read_raw(email, base + start, length) if length else b"")
             return Streamed(head, length, True, lambda: self.stream_raw(email, base + start, length, STREAM_STEP))
-        decoded = mime.decode_body(await self.read_raw(email, 0, part.end), part)
-        return head + r.binary(_partial(decoded, item))
+        if item.partial is not None:
+            start, length = item.partial
+            if length <= STREAM_MIN:
+                return head + r.binary(await self._decoded_bytes(email, part, start, length))
+        else:
+            start, length = 0, -1
+        # The literal's length first: it comes before the data.
+        size = await self._decoded_size(email, part)
+        length = max(0, min(size - start, size if length < 0 else length))
+        if length <= STREAM_MIN:
+            return head + r.binary(await self._decoded_bytes(email, part, start, length))
+        return Streamed(head, length, True, lambda: self._decoded(email, part, start, length))
 
     async def _binary_size(self, email: Email, structure: mime.Message, item: FetchItem) -> int:
         part = _binary_part(structure, item)
         if part is None:
             return structure.root.end
+        return await self._decoded_size(email, part)
+
+    async def _decoded_size(self, email: Email, part: mime.Part) -> int:
+        """Size of a part's decoded body, counted piece by piece (base64 is
+        not even decoded: its size follows from its length) and kept with
+        the cached email, which never changes."""
+        encoded = part.end - part.body_start
         if part.encoding not in ("base64", "quoted-printable"):
-            return part.end - part.body_start
-        return len(mime.decode_body(await self.read_raw(email, 0, part.end), part))
+            return encoded
+        key = f"binary-size-{part.body_start}"
+        known = email.rendered.get(key)
+        if known is not None:
+            return int(known)
+        size = 0
+        decoder = mime.Decoder(part.encoding, count_only=True)
+        try:
+            async for data in self.stream_raw(email, part.body_start, encoded, STREAM_STEP):
+                size += len(decoder.feed(data))
+            size += len(decoder.end())
+        except mime.TooIrregular:
+            email.rendered[f"binary-whole-{part.body_start}"] = b"1"
+            size = len(await self._decoded_whole(email, part))
+        email.rendered[key] = b"%d" % size
+        return size
+
+    async def _decoded_whole(self, email: Email, part: mime.Part) -> bytes:
+        raw = await self.read_raw(email, part.body_start, part.end - part.body_start)
+        return mime.decode_body(raw, mime.Part(0, 0, len(raw), encoding=part.encoding))
+
+    async def _decoded_bytes(self, email: Email, part: mime.Part, start: int, length: int) -> bytes:
+        try:
+            return b"".join([d async for d in self._decoded(email, part, start, length)])
+        except mime.TooIrregular:
+            return (await self._decoded_whole(email, part))[start : start + length]
+
+    async def _decoded(self, email: Email, part: mime.Part, start: int, length: int) -> AsyncIterator[bytes]:
+        """Bytes ``start..start+length`` of a part's decoded body, decoding
+        from the part's start and stopping once they are out. Raises
+        :class:`mime.TooIrregular` unless :meth:`_decoded_size` found the
+        part to need decoding whole (then it is)."""
+        end = start + length
+        if f"binary-whole-{part.body_start}" in email.rendered:
+            yield (await self._decoded_whole(email, part))[start:end]
+            return
+        pos = 0  # decoded bytes produced so far
+        decoder = mime.Decoder(part.encoding)
+        async for data in self.stream_raw(email, part.body_start, part.end - part.body_start, STREAM_STEP):
+            out = decoder.feed(data)
+            if pos + len(out) > start and pos < end:
+                yield out[max(0, start - pos) : end - pos]
+            pos += len(out)
+            if pos >= end:
+                return
+        out = decoder.end()
+        if pos + len(out) > start and pos < end:
+            yield out[max(0, start - pos) : end - pos]
 
 
 def _binary_part(structure: mime.Message, item: FetchItem) -> mime.Part | None:

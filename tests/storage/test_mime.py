@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import quopri
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -824,3 +825,42 @@ def test_property_header_text(value: str) -> None:
     check_all(raw + b"\r\nbody")
     mime.decode_words(value)
     mime.base_subject(value)
+
+
+# -- incremental decoding (IMAP BINARY) -------------------------------------------------
+
+_B64_TEXT = st.one_of(
+    st.binary(max_size=400).map(base64.encodebytes),
+    st.lists(st.binary(max_size=40).map(base64.b64encode), max_size=5).map(b"\r\n".join),
+    st.lists(st.sampled_from(list(b"AQZaz09+/= \r\n\t-!\x00")), max_size=300).map(bytes),
+)
+_QP_TEXT = st.one_of(
+    st.binary(max_size=400).map(quopri.encodestring),
+    st.lists(st.sampled_from(list(b"ab=3D= \t\r\nF0=\r\n\x80")), max_size=300).map(bytes),
+)
+
+
+def _pieces(decoder: mime.Decoder, data: bytes, cuts: list[int]) -> bytes:
+    bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return b"".join(decoder.feed(data[a:b]) for a, b in zip(bounds, bounds[1:])) + decoder.end()
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_B64_TEXT.map(lambda d: ("base64", d)), _QP_TEXT.map(lambda d: ("quoted-printable", d)),
+                 st.binary(max_size=100).map(lambda d: ("7bit", d))),
+       st.lists(st.integers(min_value=0, max_value=500), max_size=8))
+def test_decoder_in_pieces_equals_whole_decode(case: tuple[str, bytes], cuts: list[int]) -> None:
+    encoding, data = case
+    whole = mime.decode_body(data, Part(0, 0, len(data), encoding=encoding))
+    try:
+        assert _pieces(mime.Decoder(encoding), data, cuts) == whole
+        # Counting base64 without decoding gives the same size.
+        assert len(_pieces(mime.Decoder(encoding, count_only=True), data, cuts)) == len(whole)
+    except mime.TooIrregular:
+        assert encoding == "base64" and data.count(b"=") > 128
+
+
+def test_decoder_gives_up_on_many_equals_signs() -> None:
+    data = b"QQ=" * 200
+    with pytest.raises(mime.TooIrregular):
+        mime.Decoder("base64").feed(data)

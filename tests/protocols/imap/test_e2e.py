@@ -2385,3 +2385,62 @@ async def test_fetch_of_large_messages_streams_with_bounded_buffers(node: Node) 
     # 5.6 MB went out each time; the server never held more than a few
     # hundred kB of it waiting for the client.
     assert 0 < conn.peak_buffered < 1_000_000, conn.peak_buffered
+
+
+async def test_binary_of_large_encoded_parts_partial_and_size(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    import quopri
+    import random
+
+    rnd = random.Random(7)
+    blob = bytes(rnd.randrange(256) for _ in range(700_000))  # base64: ~950 kB, ten blob chunks
+    text = b"".join(b"caf\xc3\xa9 line %06d = trailing \r\n" % i for i in range(12_000))
+    qp = quopri.encodestring(text.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
+    raw = (b"Subject: parts\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+           b"--B\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + base64.encodebytes(blob).replace(b"\n", b"\r\n")
+           + b"--B\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+           + qp + b"\r\n--B--\r\n")
+    decoded_qp = text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    await node.seed(node.alice, raw)
+    read: list[int] = []
+    stream_blob = node.state.storage.mail.stream_blob
+
+    async def counting(digest: bytes, start: int, length: int, step: int) -> AsyncIterator[bytes]:
+        async for data in stream_blob(digest, start, length, step):
+            read.append(len(data))
+            yield data
+
+    monkeypatch.setattr(node.state.storage.mail, "stream_blob", counting)
+    # Ranges crossing 96 kB blob chunks (in the encoded data) and the end.
+    ranges = [(0, 10), (71_000, 5_000), (300_000, 200_000), (699_990, 100), (800_000, 10)]
+
+    def fetch(w: Wire, items: str) -> bytes:
+        [line] = fetch_lines(w.ok(f"FETCH 1 ({items})"))
+        return line
+
+    def go() -> dict[str, bytes]:
+        out = {}
+        with wire(node) as w:
+            w.login()
+            w.ok("EXAMINE INBOX")
+            out["size"] = fetch(w, "BINARY.SIZE[1] BINARY.SIZE[2]")
+            for start, length in ranges:
+                out[f"1<{start}>"] = fetch(w, f"BINARY.PEEK[1]<{start}.{length}>")
+                out[f"2<{start}>"] = fetch(w, f"BINARY.PEEK[2]<{start}.{length}>")
+            out["whole1"] = fetch(w, "BINARY.PEEK[1]")
+            out["whole2"] = fetch(w, "BINARY.PEEK[2]")
+            read.clear()
+            out["head"] = fetch(w, "BINARY.PEEK[1]<0.1000>")
+        return out
+
+    out = await run(go)
+    assert out["size"] == b"* 1 FETCH (BINARY.SIZE[1] %d BINARY.SIZE[2] %d)\r\n" % (len(blob), len(decoded_qp))
+    for start, length in ranges:
+        for n, data in ((1, blob), (2, decoded_qp)):
+            want = data[start : start + length]
+            lit = b"~{%d}\r\n" % len(want) if b"\x00" in want else b"{%d}\r\n" % len(want)
+            assert out[f"{n}<{start}>"] == b"* 1 FETCH (BINARY[%d]<%d> " % (n, start) + lit + want + b")\r\n", (n, start)
+    assert out["whole1"] == b"* 1 FETCH (BINARY[1] ~{%d}\r\n" % len(blob) + blob + b")\r\n"
+    assert out["whole2"] == b"* 1 FETCH (BINARY[2] ~{%d}\r\n" % len(decoded_qp) + decoded_qp + b")\r\n"
+    # The head of a part is decoded from the part's first chunks alone.
+    assert 0 < sum(read) <= 2 * 96 * 1024, read
