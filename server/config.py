@@ -88,6 +88,13 @@ def _autologout(value: Any) -> float:
     return seconds
 
 
+def _positive(value: Any) -> float:
+    seconds = float(value)
+    if not seconds > 0:
+        raise ValueError("must be more than 0")
+    return seconds
+
+
 def _int(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("not an integer")
@@ -135,6 +142,8 @@ SCHEMA: tuple[Option, ...] = (
     Option("smtp", "max_line_length", _int, 998, "Longest DATA line in octets, CRLF not counted (RFC 5321 §4.5.3.1.6)."),
     Option("imap", "poll_interval", _float, 2.0, "Seconds between store polls for changes made by other nodes (push fallback)."),
     Option("imap", "autologout", _autologout, 1800.0, "Seconds an authenticated client may stay silent (RFC 9051 §5.4: at least 30 min)."),
+    Option("imap", "write_timeout", _positive, 120.0,
+           "Seconds a client may leave the server's output unread before the connection is closed."),
     Option("imap", "max_bad_commands", _int, 20, "Invalid commands in a row before BYE."),
     Option("imap", "max_connections", _int, 20000, "Concurrent IMAP connections per listener."),
     Option("imap", "max_literal", _size, 1024 * 1024, "Largest literal outside APPEND (APPEND takes up to smtp.max_message_size)."),

@@ -227,6 +227,7 @@ class ImapService(ListenerService):
             max_literal=cfg.imap.max_literal,
             max_bad_commands=cfg.imap.max_bad_commands,
             autologout=cfg.imap.autologout,
+            write_timeout=cfg.imap.write_timeout,
         )
         self.listener = ImapListener(
             state.storage, state.hub, settings, state.tls,

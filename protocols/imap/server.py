@@ -77,7 +77,15 @@ class ImapConnection:
         buffered = self.writer.transport.get_write_buffer_size()
         if buffered > self.peak_buffered:
             self.peak_buffered = buffered
-        await self.writer.drain()
+        try:
+            async with asyncio.timeout(self.listener.settings.write_timeout):
+                await self.writer.drain()
+        except TimeoutError:
+            # The client stopped reading: drop what it did not take and end
+            # the session (the read loop's cleanup runs as for a disconnect).
+            log.info("imap write timeout", extra={"peer": self.peer, "buffered": buffered})
+            self.writer.transport.abort()
+            raise ConnectionResetError("client stopped reading") from None
 
     async def read_line(self, timeout: float) -> bytes | None:
         try:

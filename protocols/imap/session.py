@@ -59,6 +59,9 @@ class ImapSettings:
     #: settings with short timers directly.
     preauth_timeout: float = 60.0
     autologout: float = 1800.0
+    #: Seconds one write may wait for the client to read (a client that
+    #: stops reading would otherwise hold its session and output forever).
+    write_timeout: float = 120.0
 
 
 class Connection(Protocol):
@@ -249,7 +252,7 @@ class ImapSession:
         tag = cmd.tag
         try:
             lines = await handler(cmd)
-        except (Logout, asyncio.CancelledError):
+        except (Logout, asyncio.CancelledError, ConnectionError):
             raise
         except BrokenResponse:
             log.error("imap response cut short", extra={"peer": self.conn.peer, "command": cmd.name})

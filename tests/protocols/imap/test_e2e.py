@@ -2444,3 +2444,66 @@ async def test_binary_of_large_encoded_parts_partial_and_size(node: Node, monkey
     assert out["whole2"] == b"* 1 FETCH (BINARY[2] ~{%d}\r\n" % len(decoded_qp) + decoded_qp + b")\r\n"
     # The head of a part is decoded from the part's first chunks alone.
     assert 0 < sum(read) <= 2 * 96 * 1024, read
+
+
+async def test_client_that_stops_reading_is_dropped_after_write_timeout(node: Node) -> None:
+    await node.seed(node.alice, *(_big_message(i, 1_500_000) for i in range(4)))
+    settings = ImapSettings(hostname="mx.test", write_timeout=0.5)
+    listener = ImapListener(node.state.storage, node.state.hub, settings, None)
+    port = await listener.start("127.0.0.1", 0)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    try:
+
+        def start() -> None:
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", port))
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b"a LOGIN alice@example.org secret\r\n")
+            while not f.readline().startswith(b"a "):
+                pass
+            sock.sendall(b"b SELECT INBOX\r\n")
+            while not f.readline().startswith(b"b "):
+                pass
+            # 6 MB to send, and the client never reads again.
+            sock.sendall(b"c FETCH 1:* (BODY.PEEK[])\r\n")
+
+        await run(start)
+        assert len(listener.connections) == 1
+        [conn] = listener.connections
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while listener.connections and loop.time() - began < 10:
+            await asyncio.sleep(0.05)
+        # The session ended (and was cleaned up) though the client is still
+        # connected and silent: its unread output was dropped, not kept.
+        assert not listener.connections
+        assert conn.writer.is_closing()
+        assert conn.peak_buffered < 1_000_000
+
+        def rest() -> bytes:
+            sock.settimeout(5)
+            data = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    data += chunk
+            return data
+
+        # What the client finally reads is cut short (the kernel's socket
+        # buffers hold a few MB on loopback), then the connection ends.
+        data = await run(rest)
+        assert data.startswith(b"* 1 FETCH (BODY[] {") and b"c OK" not in data
+        assert len(data) < 4 * 1_500_000
+    finally:
+        sock.close()
+        listener.stop_accepting()
+        await listener.drain(1.0)
+
+
+async def test_write_timeout_is_configured_under_imap(tmp_path: Path) -> None:
+    cfg = node_config(tmp_path / "data", listen=("imap",), imap__write_timeout=7.5)
+    assert cfg.imap.write_timeout == 7.5
+    assert node_config(tmp_path / "data").imap.write_timeout == 120.0
+    with pytest.raises(Exception, match="more than 0"):
+        node_config(tmp_path / "data", imap__write_timeout=0)
