@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import cast
 
 from . import blobs, keys, mime
@@ -73,6 +74,10 @@ SHARED_STRUCTURE_MIN = 16 * 1024
 
 ChangeHook = Callable[[int, int, frozenset[str]], None]
 _MESSAGE = struct.Struct(">IQQqQ")
+_ZONE = struct.Struct(">h")
+#: Shortest record with a zone is one byte longer (no flags): NUL and zone
+#: after the fixed part.
+_ZONED_MIN = _MESSAGE.size + _ZONE.size
 #: Messages per transaction for operations on many messages (STORE, EXPUNGE,
 #: COPY, MOVE, DELETE): keeps each well inside 10 MB and 5 s.
 CHUNK = 2000
@@ -127,21 +132,33 @@ class Message:
     email_id: int
     modseq: int
     flags: tuple[str, ...]
+    #: Seconds since the epoch (UTC).
     internal_date: int
     size: int
+    #: The internal date's zone, minutes east of UTC: an APPEND's date is
+    #: given back as it was written (RFC 9051 §6.3.12), and SEARCH BEFORE/ON/
+    #: SINCE compare its date in that zone (§6.4.4). Deliveries use UTC.
+    zone: int = 0
 
     # A fixed struct, not a packed tuple: SELECT decodes every record of a
     # mailbox, and fdb.tuple.unpack costs ~7 µs where this costs ~1 µs. Flags
-    # cannot contain spaces (validate_flags), so they are joined by one.
+    # cannot contain spaces (validate_flags), so they are joined by one. A
+    # zone other than UTC follows the flags after a NUL (which no flag
+    # holds), so records stored before it was kept still read as UTC.
     def to_bytes(self) -> bytes:
-        return _MESSAGE.pack(self.uid, self.email_id, self.modseq, self.internal_date, self.size) + " ".join(
+        raw = _MESSAGE.pack(self.uid, self.email_id, self.modseq, self.internal_date, self.size) + " ".join(
             self.flags
         ).encode("utf-8")
+        return raw + b"\x00" + _ZONE.pack(self.zone) if self.zone else raw
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Message:
         uid, email_id, modseq, internal_date, size = _MESSAGE.unpack_from(raw)
-        flags = tuple(raw[_MESSAGE.size :].decode("utf-8").split(" ")) if len(raw) > _MESSAGE.size else ()
+        n = len(raw)
+        if n > _ZONED_MIN and not raw[-3]:  # the NUL before a zone (_ZONE.size == 2)
+            flags = tuple(raw[_MESSAGE.size : -3].decode("utf-8").split(" ")) if n > _ZONED_MIN + 1 else ()
+            return cls(uid, email_id, modseq, flags, internal_date, size, _ZONE.unpack_from(raw, n - 2)[0])
+        flags = tuple(raw[_MESSAGE.size :].decode("utf-8").split(" ")) if n > _MESSAGE.size else ()
         return cls(uid, email_id, modseq, flags, internal_date, size)
 
 
@@ -641,11 +658,27 @@ def _put_message(tr: Transaction, acct: int, mbox: int, msg: Message, old_modseq
     tr.set(keys.modseq_index(acct, mbox, msg.modseq, msg.uid), b"")
 
 
-def _insert(tr: Transaction, acct: int, box: Mailbox, email_id: int, flags: tuple[str, ...], internal_date: int, size: int, modseq: int) -> Message:
+def _when(now: int, date: int | datetime | None) -> tuple[int, int]:
+    """(seconds, zone minutes) of an internal date; UTC unless a datetime with
+    a zone is given."""
+    if date is None:
+        return now, 0
+    if isinstance(date, datetime):
+        offset = date.utcoffset()
+        zone = 0 if offset is None else int(offset.total_seconds()) // 60
+        # RFC 9051 zone: ±HHMM, so within a day either way.
+        return int(date.timestamp()), zone if -1440 < zone < 1440 else 0
+    return date, 0
+
+
+def _insert(
+    tr: Transaction, acct: int, box: Mailbox, email_id: int, flags: tuple[str, ...], internal_date: int, size: int,
+    modseq: int, zone: int = 0,
+) -> Message:
     uid = box.uidnext
     box.uidnext += 1
     tr.set(keys.mailbox(acct, box.id), box.to_bytes())
-    msg = Message(uid, email_id, modseq, flags, internal_date, size)
+    msg = Message(uid, email_id, modseq, flags, internal_date, size, zone)
     _put_message(tr, acct, box.id, msg, None)
     tr.set(keys.location(acct, email_id, box.id, uid), b"")
     _count(tr, acct, box.id, msg, +1)
@@ -827,7 +860,7 @@ def copy_messages(tr: Transaction, acct: int, src: int, uids: Sequence[int], dst
             continue
         if not modseq:
             modseq = record_change(tr, acct, ["Email"], [dst])
-        new = _insert(tr, acct, target, msg.email_id, msg.flags, msg.internal_date, msg.size, modseq)
+        new = _insert(tr, acct, target, msg.email_id, msg.flags, msg.internal_date, msg.size, modseq, msg.zone)
         pairs.append((uid, new.uid))
     return target.uidvalidity, pairs
 
@@ -1045,9 +1078,10 @@ class MailStore:
         mailbox: str | int,
         raw: bytes,
         flags: Iterable[str] = (),
-        internal_date: int | None = None,
+        internal_date: int | datetime | None = None,
     ) -> tuple[int, int]:
-        """APPEND one message; returns (UIDVALIDITY, UID) for APPENDUID."""
+        """APPEND one message; returns (UIDVALIDITY, UID) for APPENDUID.
+        ``internal_date``: seconds (UTC), or a datetime whose zone is kept."""
         uidvalidity, uids = await self.append_many(acct, mailbox, [(raw, tuple(flags), internal_date)])
         return uidvalidity, uids[0]
 
@@ -1055,7 +1089,7 @@ class MailStore:
         self,
         acct: int,
         mailbox: str | int,
-        items: Sequence[tuple[bytes, Iterable[str], int | None]],
+        items: Sequence[tuple[bytes, Iterable[str], int | datetime | None]],
     ) -> tuple[int, list[int]]:
         """MULTIAPPEND (RFC 3502): all messages or none, UIDs in order."""
         preps = [await self._prepare(raw) for raw, _, _ in items]
@@ -1071,9 +1105,9 @@ class MailStore:
             uids = []
             for prep, flags, (_, _, date) in zip(preps, checked, items):
                 self._put_blob(tr, prep)
-                when = now if date is None else date
+                when, zone = _when(now, date)
                 email_id = _store_email(tr, acct, prep.digest, len(prep.raw), when, prep.parsed, prep.structure)
-                uids.append(_insert(tr, acct, box, email_id, flags, when, len(prep.raw), change_id).uid)
+                uids.append(_insert(tr, acct, box, email_id, flags, when, len(prep.raw), change_id, zone).uid)
             return box.uidvalidity, change_id, uids
 
         result = None

@@ -47,11 +47,13 @@ Piece = bytes | Streamed
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-def internal_date(ts: int) -> bytes:
-    """``"17-Jul-1996 02:44:25 +0000"`` (RFC 9051 §9 date-time), in UTC."""
-    t = time.gmtime(ts)
-    return b'"%02d-%s-%04d %02d:%02d:%02d +0000"' % (
-        t.tm_mday, _MONTHS[t.tm_mon - 1].encode(), t.tm_year, t.tm_hour, t.tm_min, t.tm_sec,
+def internal_date(ts: int, zone: int = 0) -> bytes:
+    """``"17-Jul-1996 02:44:25 -0700"`` (RFC 9051 §9 date-time), in the zone
+    ``zone`` (minutes east of UTC) the date was given in."""
+    t = time.gmtime(ts + zone * 60)
+    sign, off = (b"-", -zone) if zone < 0 else (b"+", zone)
+    return b'"%02d-%s-%04d %02d:%02d:%02d %s%02d%02d"' % (
+        t.tm_mday, _MONTHS[t.tm_mon - 1].encode(), t.tm_year, t.tm_hour, t.tm_min, t.tm_sec, sign, off // 60, off % 60,
     )
 
 
@@ -140,7 +142,7 @@ def _simple(msg: Message, name: str) -> bytes | None:
     if name == "FLAGS":
         return b"FLAGS " + r.encode_flags(msg.flags)
     if name == "INTERNALDATE":
-        return b"INTERNALDATE " + internal_date(msg.internal_date)
+        return b"INTERNALDATE " + internal_date(msg.internal_date, msg.zone)
     if name == "RFC822.SIZE":
         return b"RFC822.SIZE %d" % msg.size
     if name == "MODSEQ":

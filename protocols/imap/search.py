@@ -388,8 +388,9 @@ def _date_plan(key: DateKey) -> _Plan:
     if name not in ("BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"):
         raise ValueError(f"unknown search key {name!r}")
     if not name.startswith("SENT"):
-        # RFC 9051 §6.4.4: the internal date's day; stored as UTC seconds.
-        return _free(lambda c: _compare_day(name, c.msg.internal_date // _SECONDS_PER_DAY, wanted))
+        # RFC 9051 §6.4.4: the internal date's day "disregarding time and
+        # timezone": the day as written, in the date's own zone.
+        return _free(lambda c: _compare_day(name, (c.msg.internal_date + c.msg.zone * 60) // _SECONDS_PER_DAY, wanted))
 
     async def run(ctx: _Context) -> bool:
         day = _sent_day(await ctx.structure(), ctx.cand.msg)

@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from storage import Storage
@@ -580,14 +581,14 @@ class ImapSession:
         return [self._status_line(st, cmd.items), r.tagged(cmd.tag, "OK", None, "STATUS completed")]
 
     async def do_APPEND(self, cmd: c.Append) -> list[bytes]:
-        items = []
+        items: list[tuple[bytes, tuple[str, ...], datetime | None]] = []
         for m in cmd.messages:
             if not m.data:
                 return [r.tagged(cmd.tag, "NO", None, "Cannot append an empty message")]
             if len(m.data) > self.settings.max_append:
                 return [r.tagged(cmd.tag, "NO", b"TOOBIG", "Message exceeds APPENDLIMIT")]
-            when = int(m.date_time.timestamp()) if m.date_time is not None else None
-            items.append((m.data, m.flags, when))
+            # The date with its zone: INTERNALDATE gives it back as written.
+            items.append((m.data, m.flags, m.date_time))
         name = self.name_in(cmd.mailbox)
         uidvalidity, uids = await self.storage.mail.append_many(self._acct(), name, items)
         lines = await self.updates("APPEND", True)

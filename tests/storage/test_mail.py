@@ -408,3 +408,16 @@ async def test_message_pages_read_a_page_per_transaction_resuming_after_the_last
     assert [p async for p in store.mail.message_pages(acct, "Trash", page=2)] == []
     with pytest.raises(MailboxNotFound):
         [p async for p in store.mail.message_pages(acct, "Nope")]
+
+
+def test_message_record_keeps_a_zone_and_reads_old_records_as_utc() -> None:
+    old = mail.Message(7, 9, 11, ("\\Seen", "$X"), 837_585_865, 1234)
+    raw = old.to_bytes()
+    # A UTC record is byte for byte what was stored before zones were kept.
+    assert raw == mail._MESSAGE.pack(7, 9, 11, 837_585_865, 1234) + b"\\Seen $X"
+    assert mail.Message.from_bytes(raw) == old and old.zone == 0
+    for flags in ((), ("a",), ("ab",), ("\\Seen", "$X")):
+        zoned = mail.Message(7, 9, 11, flags, 837_585_865, 0, -420)
+        assert mail.Message.from_bytes(zoned.to_bytes()) == zoned
+        plain = mail.Message(7, 9, 11, flags, 837_585_865, 0)
+        assert mail.Message.from_bytes(plain.to_bytes()) == plain

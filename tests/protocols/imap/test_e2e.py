@@ -959,7 +959,8 @@ async def test_append_with_flags_date_and_appenduid(node: Node) -> None:
     assert mtyp == "NO" and mdata[0].startswith(b"[TRYCREATE]")
     meta = fetched[0][0]
     assert b"FLAGS ($Pending \\Draft)" in meta or b"FLAGS (\\Draft $Pending)" in meta
-    assert b'INTERNALDATE "17-Jul-1996 09:44:25 +0000"' in meta
+    # The date comes back as it was given, zone and all (RFC 9051 §6.3.12).
+    assert b'INTERNALDATE "17-Jul-1996 02:44:25 -0700"' in meta
     assert fetched[0][1] == raw
     names = [b.name for b in await node.state.storage.mail.mailboxes(node.alice)]
     assert "NoSuchBox" not in names
@@ -2507,3 +2508,44 @@ async def test_write_timeout_is_configured_under_imap(tmp_path: Path) -> None:
     assert node_config(tmp_path / "data").imap.write_timeout == 120.0
     with pytest.raises(Exception, match="more than 0"):
         node_config(tmp_path / "data", imap__write_timeout=0)
+
+
+async def test_internaldate_keeps_its_zone_and_search_uses_its_own_day(node: Node) -> None:
+    # 23:44 on the 17th at -0700 is the 18th in UTC; 02:00 on 1 Jan 2020 at
+    # +0530 is still 31 Dec 2019 in UTC; the first is delivered (UTC).
+    await node.seed(node.alice, simple(3), when=WHEN)
+
+    def go() -> dict[str, object]:
+        out: dict[str, object] = {}
+        with wire(node) as w:
+            w.login()
+            for date in (b"17-Jul-1996 23:44:25 -0700", b" 1-Jan-2020 02:00:00 +0530"):
+                _, tagged = w.cmd_literals(b'APPEND INBOX () "' + date + b'" ', simple(1), b"")
+                assert status_word(tagged) == b"OK", tagged
+            w.ok("SELECT INBOX")
+            out["fetch"] = fetch_lines(w.ok("FETCH 1:* (INTERNALDATE)"))
+            for key in ("ON 17-Jul-1996", "ON 18-Jul-1996", "BEFORE 18-Jul-1996", "SINCE 18-Jul-1996",
+                        "ON 1-Jan-2020", "ON 31-Dec-2019", "SINCE 1-Jan-2020", "BEFORE 1-Jan-2020"):
+                [line] = w.ok(f"SEARCH {key}")
+                out[key] = line
+            w.ok("COPY 2 Drafts")
+            w.ok("SELECT Drafts")
+            out["copy"] = fetch_lines(w.ok("FETCH 1 (INTERNALDATE)"))
+        return out
+
+    out = await run(go)
+    assert out["fetch"] == [
+        b'* 1 FETCH (INTERNALDATE "17-Jul-1996 09:44:25 +0000")\r\n',
+        b'* 2 FETCH (INTERNALDATE "17-Jul-1996 23:44:25 -0700")\r\n',
+        b'* 3 FETCH (INTERNALDATE "01-Jan-2020 02:00:00 +0530")\r\n',
+    ]
+    # RFC 9051 §6.4.4: the day as written, disregarding time and zone.
+    assert out["ON 17-Jul-1996"] == b"* SEARCH 1 2\r\n"
+    assert out["ON 18-Jul-1996"] == b"* SEARCH\r\n"
+    assert out["BEFORE 18-Jul-1996"] == b"* SEARCH 1 2\r\n"
+    assert out["SINCE 18-Jul-1996"] == b"* SEARCH 3\r\n"
+    assert out["ON 1-Jan-2020"] == b"* SEARCH 3\r\n"
+    assert out["ON 31-Dec-2019"] == b"* SEARCH\r\n"
+    assert out["SINCE 1-Jan-2020"] == b"* SEARCH 3\r\n"
+    assert out["BEFORE 1-Jan-2020"] == b"* SEARCH 1 2\r\n"
+    assert out["copy"] == [b'* 1 FETCH (INTERNALDATE "17-Jul-1996 23:44:25 -0700")\r\n']
