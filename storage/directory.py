@@ -22,7 +22,15 @@ from dataclasses import dataclass
 import argon2
 
 from . import keys
-from .errors import AlreadyExists, AuthenticationFailed, InvalidInput, NotFound, UnknownDomain, UnknownUser
+from .errors import (
+    AlreadyExists,
+    AuthenticationFailed,
+    InvalidInput,
+    LoginsLocked,
+    NotFound,
+    UnknownDomain,
+    UnknownUser,
+)
 from .kv.base import Database, ReadTransaction, Transaction, decode_counter
 
 #: RFC 5321 §4.5.3.1: local part ≤ 64 octets, domain ≤ 255, path ≤ 256.
@@ -426,9 +434,9 @@ class Directory:
 
         The one place every protocol authenticates. Raises
         :class:`AuthenticationFailed` after ``failed_login_delay`` seconds for a
-        wrong or unknown user or password, and (after the same delay, without
-        checking the password) when ``remote`` has had ``max_failed_logins``
-        failures in the last five minutes on any node.
+        wrong or unknown user or password, and :class:`LoginsLocked` (after
+        the same delay, without checking the password) when ``remote`` has
+        had ``max_failed_logins`` failures in the last five minutes on any node.
 
         Cost: the read that finds the account also reads the failure count; a
         failure adds one transaction, a success none.
@@ -448,7 +456,7 @@ class Directory:
         found, failures = await self.db.read(fn)
         if failures >= self.max_failed_logins:
             await asyncio.sleep(self.failed_login_delay)
-            raise AuthenticationFailed("too many failed logins; try again later")
+            raise LoginsLocked("too many failed logins; try again later")
         account = await self._check(found, password)
         if account is None:
             await self.db.transact(lambda tr: count_failure(tr, remote, now))

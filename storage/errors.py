@@ -117,6 +117,15 @@ class AuthenticationFailed(RookeryError):
     http = (401, "unauthorized")
 
 
+class LoginsLocked(AuthenticationFailed):
+    """Refused without checking the password: too many failed logins from
+    this address lately. Temporary, so IMAP says UNAVAILABLE (RFC 5530 §3)
+    rather than that the credentials were wrong."""
+
+    smtp = "454 4.7.0 Temporary authentication failure"
+    imap = ("NO", "UNAVAILABLE")
+
+
 class Forbidden(RookeryError):
     """Not permitted."""
 

@@ -342,7 +342,9 @@ class ImapSession:
             account = await self.storage.directory.login(username, password, self.conn.peer.rpartition(":")[0])
         except AuthenticationFailed as exc:
             log.info("login failed", extra={"peer": self.conn.peer, "user": username[:100]})
-            return [r.tagged(tag, "NO", b"AUTHENTICATIONFAILED", exc.text)]
+            # AUTHENTICATIONFAILED, or UNAVAILABLE for a locked-out address.
+            status, code = exc.imap
+            return [r.tagged(tag, status, code.encode() if code else None, exc.text)]
         self.account = account
         self.state = c.State.AUTHENTICATED
         self.sub = self.hub.subscribe(account.id)

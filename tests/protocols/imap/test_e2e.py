@@ -2549,3 +2549,32 @@ async def test_internaldate_keeps_its_zone_and_search_uses_its_own_day(node: Nod
     assert out["SINCE 1-Jan-2020"] == b"* SEARCH 3\r\n"
     assert out["BEFORE 1-Jan-2020"] == b"* SEARCH 1 2\r\n"
     assert out["copy"] == [b'* 1 FETCH (INTERNALDATE "17-Jul-1996 23:44:25 -0700")\r\n']
+
+
+async def test_locked_out_address_gets_unavailable_after_the_delay(node: Node) -> None:
+    directory = node.state.storage.directory
+    directory.max_failed_logins = 3
+    directory.failed_login_delay = 0.3
+
+    def go() -> list[tuple[bytes, float]]:
+        out = []
+        with wire(node) as w:
+            for creds in ("alice@example.org wrong", "nobody@example.org x", "alice@example.org wrong",
+                          "alice@example.org secret"):
+                start = time.monotonic()
+                out.append((w.cmd(f"LOGIN {creds}")[1], time.monotonic() - start))
+            start = time.monotonic()
+            tag = w.next_tag()
+            w.send(tag + b" AUTHENTICATE PLAIN " + base64.b64encode(b"\0alice@example.org\0secret") + b"\r\n")
+            out.append((w.until(tag)[1], time.monotonic() - start))
+        return out
+
+    answers = await run(go)
+    for tagged, elapsed in answers[:3]:
+        assert status_word(tagged) == b"NO" and code(tagged) == b"AUTHENTICATIONFAILED", tagged
+        assert elapsed >= 0.3
+    # Locked out: the right password is not even checked; RFC 5530 says
+    # UNAVAILABLE (try later), not that the credentials are wrong.
+    for tagged, elapsed in answers[3:]:
+        assert status_word(tagged) == b"NO" and code(tagged) == b"UNAVAILABLE", tagged
+        assert elapsed >= 0.3
