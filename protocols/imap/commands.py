@@ -227,12 +227,15 @@ class AppendMessage:
 
     ``binary`` is set when the data came as a literal8 ``~{n}`` (RFC 3516):
     it may contain NULs and any content-transfer-encoding may be undone.
+    ``utf8``: it came as ``UTF8 (~{n})`` (RFC 6855 §4), which only a client
+    that enabled UTF8=ACCEPT may send.
     """
 
     flags: tuple[str, ...]
     date_time: datetime | None
     data: bytes
     binary: bool = False
+    utf8: bool = False
 
 
 # ---------------------------------------------------------------------------

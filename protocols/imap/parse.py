@@ -881,7 +881,7 @@ def _append(r: _Reader) -> Command:
                 raise r.error("UTF8 needs a literal8 (~{n})")
             data = r._literal_data(m)
             r.expect(0x29, "Expected ) after the UTF8 literal")
-            messages.append(AppendMessage(flags, when, data, True))
+            messages.append(AppendMessage(flags, when, data, True, utf8=True))
             continue
         c = r.peek()
         if c == 0x7B:

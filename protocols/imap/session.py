@@ -584,6 +584,10 @@ class ImapSession:
 
     async def do_APPEND(self, cmd: c.Append) -> list[bytes]:
         items: list[tuple[bytes, tuple[str, ...], datetime | None]] = []
+        if "UTF8=ACCEPT" not in self.enabled and any(m.utf8 for m in cmd.messages):
+            # RFC 6855 §4: BAD for the UTF8 data item unless the client
+            # enabled UTF8=ACCEPT (the data was read: the command is over).
+            return [r.tagged(cmd.tag, "BAD", None, "APPEND UTF8 needs ENABLE UTF8=ACCEPT")]
         for m in cmd.messages:
             if not m.data:
                 return [r.tagged(cmd.tag, "NO", None, "Cannot append an empty message")]

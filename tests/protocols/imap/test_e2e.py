@@ -2578,3 +2578,30 @@ async def test_locked_out_address_gets_unavailable_after_the_delay(node: Node) -
     for tagged, elapsed in answers[3:]:
         assert status_word(tagged) == b"NO" and code(tagged) == b"UNAVAILABLE", tagged
         assert elapsed >= 0.3
+
+
+async def test_append_utf8_data_item_needs_utf8_accept_enabled(node: Node) -> None:
+    raw = "Subject: Café\r\n\r\nhola\r\n".encode()
+
+    def append(w: Wire) -> bytes:
+        tag = w.next_tag()
+        w.send(tag + b" APPEND INBOX UTF8 (~{%d+}\r\n" % len(raw) + raw + b")\r\n")
+        return w.until(tag)[1]
+
+    def go() -> tuple[bytes, bytes, bytes, list[bytes]]:
+        with wire(node) as w:
+            w.login()
+            refused = append(w)
+            # IMAP4rev2 alone does not enable it either (RFC 6855 §4 names UTF8=ACCEPT).
+            w.ok("ENABLE IMAP4rev2")
+            still = append(w)
+            w.ok("ENABLE UTF8=ACCEPT")
+            taken = append(w)
+            w.ok("SELECT INBOX")
+            return refused, still, taken, w.ok("FETCH 1:* (BODY.PEEK[])")
+
+    refused, still, taken, fetched = await run(go)
+    assert status_word(refused) == b"BAD" and status_word(still) == b"BAD"
+    assert status_word(taken) == b"OK"
+    # Only the accepted APPEND stored anything, and the session went on.
+    assert fetched == [b"* 1 FETCH (BODY[] {%d}\r\n" % len(raw) + raw + b")\r\n"]

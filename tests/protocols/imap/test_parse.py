@@ -231,11 +231,12 @@ VALID: list[tuple[bytes, Command]] = [
     # RFC 6855 §4: UTF8 (literal8), alone and among other messages.
     (
         b"a APPEND INBOX (\\Seen) UTF8 (~{4+}\r\n\xc3\xa9t\xc3)",
-        Append(b"a", "INBOX", (AppendMessage(("\\Seen",), None, b"\xc3\xa9t\xc3", True),)),
+        Append(b"a", "INBOX", (AppendMessage(("\\Seen",), None, b"\xc3\xa9t\xc3", True, utf8=True),)),
     ),
     (
         b"a APPEND INBOX {1}\r\nx UTF8 (~{1}\r\ny) {1}\r\nz",
-        Append(b"a", "INBOX", (AppendMessage((), None, b"x"), AppendMessage((), None, b"y", True), AppendMessage((), None, b"z"))),
+        Append(b"a", "INBOX", (AppendMessage((), None, b"x"), AppendMessage((), None, b"y", True, utf8=True),
+                                AppendMessage((), None, b"z"))),
     ),
     (b"a IDLE\r\n", Idle(b"a")),
     # selected
