@@ -201,7 +201,10 @@ class Renderer:
                 continue
             if email is None or email.encoded is None:
                 raise FetchError("UNAVAILABLE", "message content is not available")
-            if (name == "BODY" and item.section is not None) or name in ("BINARY", "BINARY.SIZE"):
+            # Only a numbered part can be missing (or not decodable); the
+            # structure is decoded for it alone, as :meth:`content` decodes
+            # it again (headers-only fetches of many messages stay cheap).
+            if item.section and name in ("BODY", "BINARY", "BINARY.SIZE"):
                 if structure is None:
                     structure = email.structure
                     assert structure is not None
