@@ -1127,6 +1127,12 @@ class OutboundWorker:
                     report.left[msg.qid] = why or "lease lost"
                     # Back where it was: due when it was due before.
                     await self.queue.release(qid, self.owner, self.clock(), msg.next_attempt)
+                except BaseException:
+                    # A store or network error mid-message: give the lease
+                    # back now rather than leave it to run out.
+                    with contextlib.suppress(Exception):
+                        await self.queue.release(qid, self.owner, self.clock(), msg.next_attempt)
+                    raise
                 finally:
                     self._held.pop(qid, None)
             # What the loop did not reach (it stops at a connection failure).

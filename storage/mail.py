@@ -102,26 +102,32 @@ class Mailbox:
     #: A name kept only for its children (RFC 9051 §6.3.4 DELETE): no
     #: messages, cannot be selected; CREATE makes it a mailbox again.
     noselect: bool = False
+    #: The "sub" flag of a record written by an older store, kept as read
+    #: until the account's subscriptions are migrated (a record rewritten
+    #: without it would read as subscribed again).
+    legacy_sub: bool | None = None
 
     def to_bytes(self) -> bytes:
-        # Subscriptions live apart, by name (keys.subscription); records of
-        # older stores carry a "sub" flag that only the migration reads.
-        return json.dumps(
-            {
-                "id": self.id,
-                "name": self.name,
-                "uv": self.uidvalidity,
-                "un": self.uidnext,
-                "su": self.special_use,
-                "c": self.created,
-                "ns": self.noselect,
-            }
-        ).encode()
+        # Subscriptions live apart, by name (keys.subscription).
+        d = {
+            "id": self.id,
+            "name": self.name,
+            "uv": self.uidvalidity,
+            "un": self.uidnext,
+            "su": self.special_use,
+            "c": self.created,
+            "ns": self.noselect,
+        }
+        if self.legacy_sub is not None:
+            d["sub"] = self.legacy_sub
+        return json.dumps(d).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Mailbox:
         d = json.loads(raw)
-        return cls(d["id"], d["name"], d["uv"], d["un"], d.get("su"), d.get("c", 0.0), d.get("ns", False))
+        return cls(
+            d["id"], d["name"], d["uv"], d["un"], d.get("su"), d.get("c", 0.0), d.get("ns", False), d.get("sub"),
+        )
 
 
 @dataclass(slots=True)
@@ -1233,16 +1239,13 @@ class MailStore:
         holds when the command starts to the new mailbox, CHUNK per
         transaction (FoundationDB's 10 MB / 5 s), and leaves INBOX empty of
         them; mail delivered meanwhile stays in INBOX."""
-        inbox = await self.mailbox(acct, "INBOX")
-        renaming_inbox = validate_mailbox_name(old) == "INBOX"
-        target = cast(Mailbox, await self.write(acct, lambda tr: rename_mailbox(tr, acct, old, new), ("Mailbox", "Email")))
-        if not renaming_inbox:
+        if validate_mailbox_name(old) != "INBOX":
+            await self.write(acct, lambda tr: rename_mailbox(tr, acct, old, new), ("Mailbox", "Email"))
             return
-        last = inbox.uidnext - 1
-        while last >= 1:
-            uids = await self.db.read(lambda tr: _first_uids(tr, acct, inbox.id, last))
-            if not uids:
-                return
+        inbox = await self.mailbox(acct, "INBOX")
+        target = cast(Mailbox, await self.write(acct, lambda tr: rename_mailbox(tr, acct, old, new), ("Mailbox", "Email")))
+        last = inbox.uidnext - 1  # what INBOX held when the command started
+        while last >= 1 and (uids := await self.db.read(lambda tr: _first_uids(tr, acct, inbox.id, last))):
             await self.write(acct, functools.partial(_move_chunk, acct=acct, src=inbox.id, uids=uids, dst=target.id))
 
     async def subscribe(self, acct: int, name: str, subscribed: bool) -> None:

@@ -350,6 +350,11 @@ class Renderer:
                 return head + r.binary(await self._decoded_bytes(email, part, start, length))
         else:
             start, length = 0, -1
+        if part.end - part.body_start <= STREAM_MIN:
+            # Small: decoding it whole gives its size and its bytes in one read.
+            data = await self._decoded_whole(email, part)
+            data = data[start:] if length < 0 else data[start : start + length]
+            return head + r.binary(data)
         # The literal's length first: it comes before the data.
         size = await self._decoded_size(email, part)
         length = max(0, min(size - start, size if length < 0 else length))

@@ -339,6 +339,10 @@ async def test_subscription_flags_of_older_stores_are_read_and_migrated(store: S
     await store.db.transact(make_legacy)
     _, subs = await store.mail.mailboxes_and_subscriptions(acct)
     assert "Junk" not in subs and {"INBOX", "Old", "Sent"} <= subs
+    # Mail into Junk rewrites its record (UIDNEXT): it stays unsubscribed.
+    await store.mail.append(acct, "Junk", RAW)
+    _, subs = await store.mail.mailboxes_and_subscriptions(acct)
+    assert "Junk" not in subs
     # The first write moves the flags to names; they are then what counts.
     await store.mail.subscribe(acct, "Sent", False)
     _, subs = await store.mail.mailboxes_and_subscriptions(acct)
