@@ -177,6 +177,18 @@ class Wire:
         assert tagged.split(b" ", 2)[1] == b"OK", (text, untagged, tagged)
         return untagged
 
+    def named(self, commands: list[tuple[str, str]]) -> dict[str, list[bytes]]:
+        """Run each ``(name, command)`` with ``name`` as its tag (so replies
+        such as ESEARCH's ``(TAG "name")`` are predictable); each must be OK.
+        Returns the untagged lines of each, by name."""
+        out = {}
+        for name, command in commands:
+            self.send(name.encode() + b" " + command.encode() + b"\r\n")
+            untagged, tagged = self.until(name.encode())
+            assert status_word(tagged) == b"OK", (command, tagged)
+            out[name] = untagged
+        return out
+
     def cmd_literals(self, *pieces: bytes) -> tuple[list[bytes], bytes]:
         """``cmd_literals(b"APPEND INBOX ", data, b" ", data2, b"")``: the odd
         pieces go as synchronizing literals, each after the server's ``+``."""
@@ -2039,7 +2051,7 @@ async def test_search_modseq_and_esearch_min_max_count_on_the_wire(node: Node) -
             # Message 2 gets the highest mod-sequence, above MIN's and MAX's.
             w.ok("STORE 2 +FLAGS.SILENT (\\Flagged)")
             out["modseqs"] = w.ok("FETCH 1:4 (MODSEQ)")
-            for name, command in [
+            out.update(w.named([
                 ("plain", "SEARCH MODSEQ 1"),
                 ("min", "SEARCH RETURN (MIN) MODSEQ 1"),
                 ("max", "SEARCH RETURN (MAX) MODSEQ 1"),
@@ -2048,11 +2060,7 @@ async def test_search_modseq_and_esearch_min_max_count_on_the_wire(node: Node) -
                 ("count", "UID SEARCH RETURN (COUNT) MODSEQ 1"),
                 ("esearch", "SEARCH RETURN (MIN MAX COUNT) UNFLAGGED"),
                 ("none", "SEARCH RETURN (MIN MAX COUNT) MODSEQ 1000000"),
-            ]:
-                w.send(name.encode() + b" " + command.encode() + b"\r\n")
-                untagged, tagged = w.until(name.encode())
-                assert status_word(tagged) == b"OK", (command, tagged)
-                out[name] = untagged
+            ]))
         return out
 
     o = await run(go)
@@ -2089,22 +2097,16 @@ async def test_sort_and_thread_through_a_session(node: Node) -> None:
     )
 
     def go() -> dict[str, list[bytes]]:
-        out = {}
         with wire(node) as w:
             w.login()
             w.ok("SELECT INBOX")
-            for name, command in [
+            return w.named([
                 ("subject", "SORT (SUBJECT) UTF-8 ALL"),
                 ("reverse_date", "SORT (REVERSE DATE) UTF-8 ALL"),
                 ("uid_subject", "UID SORT (SUBJECT ARRIVAL) UTF-8 NOT SUBJECT Mango"),
                 ("references", "THREAD REFERENCES UTF-8 ALL"),
                 ("ordered", "UID THREAD ORDEREDSUBJECT UTF-8 ALL"),
-            ]:
-                w.send(name.encode() + b" " + command.encode() + b"\r\n")
-                untagged, tagged = w.until(name.encode())
-                assert status_word(tagged) == b"OK", (command, tagged)
-                out[name] = untagged
-        return out
+            ])
 
     o = await run(go)
     # RFC 5256 §2.1: the base subject drops "Re:" and ignores case.
