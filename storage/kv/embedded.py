@@ -11,6 +11,17 @@ would spend its time queueing behind the protocol thread. Several processes
 may share the file: they take turns through a blocking ``flock`` on a lock
 file beside it, then SQLite's write lock (``BEGIN IMMEDIATE``).
 
+The fsync is pipelined, as a database's log writer does it: the writer
+commits a batch into the WAL without syncing (``synchronous=NORMAL``) and
+goes on with the next batch, while a syncer thread syncs the WAL
+(``fdatasync``) and only then hands the batch's results back, so nobody
+learns that a commit succeeded before it is on disk. Readers may see a batch
+a fraction of a millisecond before it is durable; an OS crash in that window
+loses it, and with it every later batch (WAL frames carry chained checksums:
+recovery stops at the first frame missing), never part of one. A failed
+fsync stops the store: every later call raises :class:`StoreUnavailable`, as
+nothing written since can be trusted to be on disk.
+
 Read-only transactions run on a small pool of reader connections: in WAL mode
 each sees a consistent snapshot without blocking the writer. WAL checkpoints
 run in a thread of their own, so commits never wait behind one.
@@ -82,12 +93,31 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('commit_version', 0);
 """
 
+#: The commit version (versionstamps' first 8 bytes), one row of ``kv`` so
+#: that the batch's multi-row insert writes it: FoundationDB's system key
+#: space (``\xff``), which no key of ``storage.keys`` reaches. Stores made
+#: before it kept the version in ``meta``; it starts from there.
+VERSION_KEY = b"\xff\xff/rookery/commit_version"
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000,
+        cached_statements=STATEMENT_CACHE,
+    )
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode=WAL")
-    # Durable means on disk: the WAL is fsynced at every commit (DESIGN.md).
+    # Durable means on disk (DESIGN.md): the WAL is synced at every commit
+    # (the writer's connection leaves that to the syncer thread), before every
+    # checkpoint, and the database file after it.
     conn.execute("PRAGMA synchronous=FULL")
     # Reads through the OS page cache without copying, and a bigger private
     # cache: most reads are point lookups of hot keys.
@@ -130,7 +160,8 @@ class _ReadCache:
     """What the writer connection last read or wrote, for keys with small
     values: most of a body's reads are of the same hot keys (counters,
     mailbox and account records). Valid only while no other connection has
-    committed: the writer checks ``PRAGMA data_version`` at every batch and
+    committed: every writer bumps the commit version (``VERSION_KEY``) at
+    every batch, and a batch that finds it other than this writer left it
     empties the cache when another process (a second node, the CLI) wrote.
     Also emptied when a batch or a flushed body is rolled back."""
 
@@ -139,7 +170,8 @@ class _ReadCache:
 
     def __init__(self) -> None:
         self.entries: OrderedDict[bytes, bytes | None] = OrderedDict()
-        self.data_version = -1
+        #: The commit version this writer last committed.
+        self.version = -1
 
     def lookup(self, key: bytes) -> tuple[bool, bytes | None]:
         entries = self.entries
@@ -255,29 +287,26 @@ class _Layer:
         self.size = 0
 
 
-# Statements of fixed shapes (1, 2, 4 ... 128 rows) so SQLite's statement cache
-# keeps them: one statement per shape instead of one per row. Each statement
-# drops and retakes the GIL once, and every retake may wait on the protocol
-# thread, so fewer statements is what makes the writer fast.
-_SHAPES = (128, 64, 32, 16, 8, 4, 2, 1)
-_INSERT_SQL = {n: "INSERT OR REPLACE INTO kv VALUES " + ",".join(["(?,?)"] * n) for n in _SHAPES}
-_DELETE_SQL = {n: "DELETE FROM kv WHERE key IN (" + ",".join(["?"] * n) + ")" for n in _SHAPES}
+# One multi-row statement per batch of up to ROWS_PER_STATEMENT rows, of the
+# exact row count: each statement drops and retakes the GIL once, and every
+# retake may wait on the protocol thread, so fewer statements is what makes
+# the writer fast. The connection's statement cache keeps every shape.
+ROWS_PER_STATEMENT = 128
+_INSERT_SQL = [""] + ["INSERT OR REPLACE INTO kv VALUES " + ",".join(["(?,?)"] * n) for n in range(1, ROWS_PER_STATEMENT + 1)]
+_DELETE_SQL = [""] + ["DELETE FROM kv WHERE key IN (" + ",".join(["?"] * n) + ")" for n in range(1, ROWS_PER_STATEMENT + 1)]
+STATEMENT_CACHE = 2 * ROWS_PER_STATEMENT + 64
 
 
 def _write_rows(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes]]) -> None:
-    pos = 0
-    for n in _SHAPES:
-        while len(rows) - pos >= n:
-            conn.execute(_INSERT_SQL[n], [x for row in rows[pos : pos + n] for x in row])
-            pos += n
+    for pos in range(0, len(rows), ROWS_PER_STATEMENT):
+        chunk = rows[pos : pos + ROWS_PER_STATEMENT]
+        conn.execute(_INSERT_SQL[len(chunk)], [x for row in chunk for x in row])
 
 
 def _delete_keys(conn: sqlite3.Connection, keys: list[bytes]) -> None:
-    pos = 0
-    for n in _SHAPES:
-        while len(keys) - pos >= n:
-            conn.execute(_DELETE_SQL[n], keys[pos : pos + n])
-            pos += n
+    for pos in range(0, len(keys), ROWS_PER_STATEMENT):
+        chunk = keys[pos : pos + ROWS_PER_STATEMENT]
+        conn.execute(_DELETE_SQL[len(chunk)], chunk)
 
 
 # A batch's pending writes are put into SQLite once they pass this size, so
@@ -484,6 +513,8 @@ class EmbeddedDatabase:
         init = _connect(self.path)
         try:
             init.executescript(SCHEMA)
+            (old,) = init.execute("SELECT value FROM meta WHERE name = 'commit_version'").fetchone()
+            init.execute("INSERT OR IGNORE INTO kv VALUES (?, ?)", (VERSION_KEY, struct.pack(">Q", old)))
         finally:
             init.close()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -495,6 +526,12 @@ class EmbeddedDatabase:
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="rookery-kv-checkpoint", daemon=True)
         self._checkpointer.start()
         self._hand_back = _HandBack()
+        #: Batches committed to the WAL, waiting for the syncer; ``None`` stops it.
+        self._unsynced: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        #: Why the store stopped (a failed fsync), once it has.
+        self._failed: BaseException | None = None
+        self._syncer = threading.Thread(target=self._sync_loop, name="rookery-kv-syncer", daemon=True)
+        self._syncer.start()
         self._cache = _ReadCache()  # the writer thread's alone
         self._read_jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._readers = [
@@ -509,20 +546,24 @@ class EmbeddedDatabase:
     # -- public contract -------------------------------------------------
 
     async def transact(self, fn: Callable[[Transaction], T]) -> T:
-        if self._closed:
-            raise StoreUnavailable("store is closed")
+        self._check_open()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.put(_Job(fn, loop, future))
         return await future
 
     async def read(self, fn: Callable[[ReadTransaction], T]) -> T:
-        if self._closed:
-            raise StoreUnavailable("store is closed")
+        self._check_open()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._read_jobs.put(_Job(fn, loop, future))
         return await future
+
+    def _check_open(self) -> None:
+        if self._failed is not None:
+            raise StoreUnavailable(f"store stopped after a failed fsync: {self._failed}")
+        if self._closed:
+            raise StoreUnavailable("store is closed")
 
     async def close(self) -> None:
         if self._closed:
@@ -535,6 +576,8 @@ class EmbeddedDatabase:
         loop = asyncio.get_running_loop()
         for thread in [self._writer, *self._readers, self._checkpointer]:
             await loop.run_in_executor(None, thread.join)
+        self._unsynced.put(None)  # after the writer: its last batches are synced first
+        await loop.run_in_executor(None, self._syncer.join)
 
     # -- readers ------------------------------------------------------------
 
@@ -589,8 +632,51 @@ class EmbeddedDatabase:
             if conn is not None:
                 conn.close()
 
+    def _sync_loop(self) -> None:
+        """Make committed batches durable, then hand their results back:
+        one ``fdatasync`` of the WAL for every batch committed meanwhile."""
+        wal_fd = -1
+        stop = False
+        try:
+            while not stop:
+                first = self._unsynced.get()
+                if first is None:
+                    break
+                jobs = list(first)
+                while True:  # every batch committed while the last sync ran
+                    try:
+                        more = self._unsynced.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    jobs.extend(more)
+                error: BaseException | None = self._failed
+                if error is None:
+                    try:
+                        if wal_fd < 0:
+                            # The WAL exists once a batch committed, and stays
+                            # the same file while the writer's connection is open.
+                            wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
+                            _fsync_directory(os.path.dirname(self.path))
+                        os.fdatasync(wal_fd)
+                    except OSError as exc:
+                        log.critical("store stopped: fsync of the WAL failed: %s", exc)
+                        self._failed = error = exc
+                for job in jobs:
+                    if error is None:
+                        self._deliver(job, job.result, None)
+                    else:
+                        self._deliver(job, None, StoreUnavailable(f"commit not known to be durable: {error}"))
+        finally:
+            if wal_fd >= 0:
+                os.close(wal_fd)
+
     def _write_loop(self) -> None:
         conn = _connect(self.path)
+        # Commits reach the WAL unsynced; the syncer syncs them (module docstring).
+        conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT}")
         conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         pending: list[_Job] = []
@@ -645,13 +731,11 @@ class EmbeddedDatabase:
         pending = _Layer()
         cache = self._cache
         try:
-            data_version = conn.execute("PRAGMA data_version").fetchone()[0]
-            if data_version != cache.data_version:
+            (raw,) = conn.execute("SELECT value FROM kv WHERE key = ?", (VERSION_KEY,)).fetchone()
+            (version,) = struct.unpack(">Q", raw)
+            if version != cache.version:
                 cache.clear()  # another connection committed since our last batch
-                cache.data_version = data_version
-            version = conn.execute(
-                "UPDATE meta SET value = value + 1 WHERE name = 'commit_version' RETURNING value"
-            ).fetchone()[0]
+            version += 1
             for order, job in enumerate(batch):
                 stamp = struct.pack(">QH", version, order)
                 tr = _WriteTransaction(conn, time.monotonic(), stamp, pending, cache)
@@ -670,8 +754,10 @@ class EmbeddedDatabase:
                     continue
                 tr.finish()
                 done.append(job)
+            pending.put(VERSION_KEY, struct.pack(">Q", version))
             pending.apply(conn, cache)
             conn.execute("COMMIT")
+            cache.version = version
         except sqlite3.Error as exc:
             log.warning("group commit failed, retrying %d bodies: %s", len(done), exc)
             cache.clear()
@@ -682,8 +768,8 @@ class EmbeddedDatabase:
         if self.batches % CHECKPOINT_EVERY == 0:
             self._checkpoint_wanted.set()
         self.commits += len(done)
-        for job in done:
-            self._deliver(job, job.result, None)
+        if done:
+            self._unsynced.put(done)
         return self._requeue(retry, NotCommitted("conflict"))
 
     def _deliver(self, job: _Job, result: Any, error: BaseException | None) -> None:

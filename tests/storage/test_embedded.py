@@ -198,3 +198,77 @@ async def test_a_body_writing_many_small_keys_in_any_order_is_fast(db: EmbeddedD
     assert await db.transact(body) == 10
     rows = await db.read(lambda tr: tr.get_range(*prefix_range(("t", "many"))))
     assert len(rows) == n and rows[0][0] == pack(("t", "many", 0))
+
+
+async def test_a_commit_is_answered_only_after_the_wal_is_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import storage.kv.embedded as embedded
+
+    wal = str(tmp_path / "data" / embedded.DB_FILENAME) + "-wal"
+    synced: list[int] = []  # WAL size at each sync
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        real(fd)
+        synced.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(embedded.os, "fdatasync", fdatasync)
+    db = EmbeddedDatabase(tmp_path / "data")
+    try:
+        for i in range(5):
+            await db.transact(lambda tr, i=i: tr.set(pack(ITEMS + (i,)), b"x" * 5000))
+            # The answer came after a sync that covered the whole WAL so far.
+            assert synced and synced[-1] == os.stat(wal).st_size
+        count = len(synced)
+        await asyncio.gather(*(db.transact(lambda tr, i=i: tr.set(pack(ITEMS + (i,)), b"y")) for i in range(50)))
+        assert len(synced) - count < 50  # batches share syncs
+    finally:
+        await db.close()
+
+
+async def test_a_failed_fsync_stops_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import storage.kv.embedded as embedded
+    from storage.kv.base import StoreUnavailable
+
+    db = EmbeddedDatabase(tmp_path / "data")
+    try:
+        await db.transact(lambda tr: tr.set(COUNTER, b"1"))
+
+        def broken(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(embedded.os, "fdatasync", broken)
+        with pytest.raises(StoreUnavailable, match="durable"):
+            await db.transact(lambda tr: tr.set(COUNTER, b"2"))
+        monkeypatch.undo()
+        # Nothing written since can be trusted: the store refuses further work.
+        with pytest.raises(StoreUnavailable, match="fsync"):
+            await db.transact(lambda tr: tr.set(COUNTER, b"3"))
+        with pytest.raises(StoreUnavailable, match="fsync"):
+            await db.read(lambda tr: tr.get(COUNTER))
+    finally:
+        await db.close()
+
+
+async def test_commit_versions_go_on_from_a_store_that_kept_them_in_meta(tmp_path: Path) -> None:
+    import sqlite3
+
+    import storage.kv.embedded as embedded
+    from storage.keys import versionstamp_key
+
+    db = EmbeddedDatabase(tmp_path / "data")
+    await db.close()
+    conn = sqlite3.connect(str(tmp_path / "data" / embedded.DB_FILENAME))
+    with conn:  # as an older version left it: the version in meta only
+        conn.execute("DELETE FROM kv WHERE key = ?", (embedded.VERSION_KEY,))
+        conn.execute("UPDATE meta SET value = 7000 WHERE name = 'commit_version'")
+    conn.close()
+    db = EmbeddedDatabase(tmp_path / "data")
+    try:
+        await db.transact(lambda tr: tr.set_versionstamped_key(versionstamp_key(("t", "vs")), b""))
+        (key, _), = await db.read(lambda tr: tr.get_range(*prefix_range(("t", "vs"))))
+        stamp = key[len(pack(("t", "vs"))) + 1 :][:10]
+        assert int.from_bytes(stamp[:8], "big") == 7001
+    finally:
+        await db.close()
