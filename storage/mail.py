@@ -66,6 +66,8 @@ MAX_FLAG_LENGTH = 250
 #: Parsed structures of emails are immutable, so a cache of them is always
 #: valid (ids are never reused); this bounds its size.
 STRUCTURE_CACHE = 20_000
+#: Emails (records and structures) read per read transaction.
+EMAILS_PER_READ = 500
 #: Parse in a thread above this size, so a huge message never stalls the loop.
 PARSE_INLINE_MAX = 256 * 1024
 #: A parsed structure this large (thousands of MIME parts) is stored once
@@ -1322,8 +1324,15 @@ class MailStore:
                 missing.append(i)
             else:
                 out[i] = email
-        if missing:
-            for email in await self.db.read(lambda tr: get_emails(tr, acct, missing)):
+        # In pieces, each its own read: a FETCH of a whole large mailbox must
+        # stay within a transaction's 5 s (and FoundationDB's read sizes).
+        for start in range(0, len(missing), EMAILS_PER_READ):
+            piece = missing[start : start + EMAILS_PER_READ]
+
+            def fn(tr: ReadTransaction, piece: list[int] = piece) -> list[Email]:
+                return get_emails(tr, acct, piece)
+
+            for email in await self.db.read(fn):
                 self._remember(acct, email)
                 out[email.id] = email
         return out

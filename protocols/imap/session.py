@@ -42,6 +42,8 @@ NO_EXPUNGE = ("FETCH", "STORE", "SEARCH", "SORT", "THREAD")
 #: Seconds an IDLE session waits for a notification before it looks at the
 #: store anyway (the node's push watch normally wakes it much sooner).
 IDLE_RECHECK = 60.0
+#: Messages whose emails a FETCH holds at once (see do_FETCH).
+FETCH_PAGE = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -710,42 +712,53 @@ class ImapSession:
         # change it caused (RFC 9051 §6.4.5). Content is then read and
         # written message by message, in bounded pieces (output.py).
         simple = names <= SIMPLE_ITEMS
-        todo: list[tuple[int, Message, Email | None]] = []
-        if simple:
-            todo = [(seq, msg, None) for seq, msg in msgs]
-        else:
-            emails: dict[int, Email] = {}
-            if needs_email(cmd.items) and msgs:
-                emails = await self.storage.mail.emails(acct, [m.email_id for _, m in msgs])
-            for seq, msg in msgs:
+        wants_email = not simple and needs_email(cmd.items)
+        # Emails (with their structures) are read a page at a time, for the
+        # check and again for the content, so a FETCH of a mailbox of any
+        # size holds one page of them; a FETCH of one page reads them once.
+        pages = [msgs[i : i + FETCH_PAGE] for i in range(0, len(msgs), FETCH_PAGE)]
+        emails: dict[int, Email] = {}
+        todo: list[tuple[int, Message]] = []
+        for page in pages:
+            if wants_email:
+                emails = await self.storage.mail.emails(acct, [m.email_id for _, m in page])
+            for seq, msg in page:
                 email = emails.get(msg.email_id)
-                if email is None and needs_email(cmd.items):
+                if email is None and wants_email:
                     continue  # expunged meanwhile by another session: nothing to show
-                self.renderer.check(email, cmd.items)
-                todo.append((seq, msg, email))
+                if not simple:
+                    self.renderer.check(email, cmd.items)
+                todo.append((seq, msg))
         seen_changed: set[int] = set()
         if sets_seen(cmd.items) and not sel.readonly:
-            unseen = [m.uid for _, m, _ in todo if "\\Seen" not in m.flags]
+            unseen = [m.uid for _, m in todo if "\\Seen" not in m.flags]
             if unseen:
                 changed, _ = await self.storage.mail.store_flags(acct, sel.mailbox.id, unseen, "add", ["\\Seen"])
                 sel.note_own(changed)
                 seen_changed = {m.uid for m in changed}
-                todo = [(s, sel.msg(m.uid) or m, e) for s, m, e in todo]
+                todo = [(s, sel.msg(m.uid) or m) for s, m in todo]
         with_modseq = cmd.changedsince is not None or (self.condstore and bool(seen_changed))
         # RFC 7162 §3.1: with CONDSTORE on, a FETCH that set \Seen carries
         # UID and MODSEQ for the messages it changed.
         condstore = self.condstore
-        for seq, msg, email in todo:
-            with_uid = cmd.uid or (condstore and msg.uid in seen_changed)
-            flags_changed = msg.uid in seen_changed
-            if simple:
-                if out.add(render_record(seq, msg, cmd.items, with_uid=with_uid, with_modseq=with_modseq,
-                                         flags_changed=flags_changed)):
-                    await out.flush()
-                continue
-            body = await self.renderer.content(msg, email, cmd.items)
-            await out.response(self.renderer.assemble(seq, msg, cmd.items, body, with_uid=with_uid,
-                                                      with_modseq=with_modseq, flags_changed=flags_changed))
+        for start in range(0, len(todo), FETCH_PAGE):
+            page_todo = todo[start : start + FETCH_PAGE]
+            if wants_email and len(pages) > 1:
+                emails = await self.storage.mail.emails(acct, [m.email_id for _, m in page_todo])
+            for seq, msg in page_todo:
+                with_uid = cmd.uid or (condstore and msg.uid in seen_changed)
+                flags_changed = msg.uid in seen_changed
+                if simple:
+                    if out.add(render_record(seq, msg, cmd.items, with_uid=with_uid, with_modseq=with_modseq,
+                                             flags_changed=flags_changed)):
+                        await out.flush()
+                    continue
+                email = emails.get(msg.email_id)
+                if email is None and wants_email:
+                    continue  # expunged and purged since the check
+                body = await self.renderer.content(msg, email, cmd.items)
+                await out.response(self.renderer.assemble(seq, msg, cmd.items, body, with_uid=with_uid,
+                                                          with_modseq=with_modseq, flags_changed=flags_changed))
         return out.rest() + await self.updates("FETCH", cmd.uid) + [r.tagged(cmd.tag, "OK", None, "FETCH completed")]
 
     async def do_STORE(self, cmd: c.Store) -> list[bytes]:

@@ -1905,6 +1905,46 @@ async def test_fetch_that_fails_part_way_sets_no_flags(node: Node) -> None:
     assert fetch_lines(after) == [b"* 1 FETCH (FLAGS (\\Seen))\r\n", b"* 2 FETCH (FLAGS ())\r\n"]
 
 
+async def test_fetch_reads_emails_a_page_at_a_time(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    import protocols.imap.session as session_module
+    import storage.mail as mail_module
+
+    # Pages of 3 messages (reads of 2 emails): 8 messages take several.
+    monkeypatch.setattr(session_module, "FETCH_PAGE", 3)
+    monkeypatch.setattr(mail_module, "EMAILS_PER_READ", 2)
+    await node.seed(node.alice, *(simple(i) for i in range(1, 8)), MULTIPART)
+    node.state.storage.mail._emails.clear()  # every email comes from the store
+    reads: list[int] = []
+    real = mail_module.get_emails
+
+    def get_emails(tr, acct, ids):  # type: ignore[no-untyped-def]
+        reads.append(len(ids))
+        return real(tr, acct, ids)
+
+    monkeypatch.setattr(mail_module, "get_emails", get_emails)
+
+    def go() -> tuple[list[bytes], bytes, list[bytes], list[bytes]]:
+        with wire(node) as w:
+            w.login()
+            w.ok("SELECT INBOX")
+            subjects = w.ok("FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            # Part 2 exists only in message 8, on the last page: the check
+            # fails there, and no message of any page is marked \Seen.
+            _, failed = w.cmd("FETCH 1:* (BODY[2])")
+            flags = w.ok("FETCH 1:* FLAGS")
+            read = w.ok("FETCH 1:* (BODY[1])")
+            return subjects, failed, flags, read
+
+    subjects, failed, flags, read = await run(go)
+    got = [line for line in subjects if b"Subject:" in line]
+    assert len(got) == 8 and all(b"Message %d" % i in got[i - 1] for i in range(1, 8)), subjects
+    assert status_word(failed) == b"NO"
+    assert fetch_lines(flags) == [b"* %d FETCH (FLAGS ())\r\n" % i for i in range(1, 9)]
+    assert sum(1 for line in read if b"FETCH" in line and b"BODY[1]" in line) == 8
+    assert sum(1 for line in read if b"\\Seen" in line) == 8
+    assert reads and max(reads) <= 2
+
+
 async def test_searchres_saved_result_in_fetch_and_uid_expunge(node: Node) -> None:
     uids = await node.seed(node.alice, *(simple(i) for i in range(1, 6)))
 
