@@ -44,9 +44,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class PeerFromArgs(logging.Filter):
+    """aiosmtpd's lines name the peer as their first argument (``"%r
+    unrecognised: %s", session.peer, ...``): give them the ``peer`` field our
+    own lines carry, so every protocol line has it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "peer"):
+            args = record.args
+            if isinstance(args, tuple) and args:
+                first = args[0]
+                if isinstance(first, tuple) and len(first) >= 2 and isinstance(first[1], int):
+                    record.peer = f"{first[0]}:{first[1]}"
+                elif isinstance(first, str) and first.startswith(("unix:", "/")):
+                    record.peer = first
+        return True
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(PeerFromArgs())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
