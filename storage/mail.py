@@ -891,8 +891,9 @@ def move_messages(tr: Transaction, acct: int, src: int, uids: Sequence[int], dst
 # -- emails ------------------------------------------------------------------------------
 
 def _thread_for(tr: Transaction, acct: int, parsed: mime.Message, email_id: int) -> int:
-    """Join the thread of any message this one refers to, or start one."""
-    refs = list(parsed.references)
+    """Join the thread of any message this one refers to, or of one that
+    referred to it (a reply delivered before it), or start one."""
+    refs = list(parsed.references) + ([parsed.message_id] if parsed.message_id else [])
     for ref in refs:
         raw = tr.get(keys.thread_ref(acct, blobs.digest_of(ref.encode())[:16]))
         if raw is not None:

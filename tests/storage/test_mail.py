@@ -122,6 +122,27 @@ async def test_threads_join_on_references(store: Storage) -> None:
     assert threads[0] == threads[1] != threads[2]
 
 
+async def test_a_message_joins_the_thread_of_a_reply_delivered_before_it(store: Storage) -> None:
+    acct = await make_account(store)
+    await store.mail.append(acct, "INBOX", REPLY)
+    await store.mail.append(acct, "INBOX", RAW)  # the message REPLY answers
+    msgs = await store.mail.list_messages(acct, "INBOX")
+    threads = [e.thread_id for _, e in msgs if e is not None]
+    assert len(threads) == 2 and threads[0] == threads[1]
+
+
+async def test_the_same_bytes_delivered_again_share_one_blob(store: Storage) -> None:
+    acct = await make_account(store)
+    await store.mail.append(acct, "INBOX", RAW)
+    await store.mail.append(acct, "INBOX", RAW)
+    (first, e1), (second, e2) = await store.mail.list_messages(acct, "INBOX")
+    assert e1 is not None and e2 is not None and e1.digest == e2.digest
+    chunks = await store.db.read(lambda tr: tr.get_range(*keys.blob_chunks(e1.digest)))
+    assert [v for _, v in chunks] == [RAW]
+    refs = await store.db.read(lambda tr: tr.get_range(*keys.blob_refs(e1.digest)))
+    assert len(refs) == 2 and first.email_id != second.email_id
+
+
 async def test_quota_and_usage(store: Storage) -> None:
     acct = await make_account(store, quota=300)
     await store.mail.append(acct, "INBOX", RAW)
