@@ -235,7 +235,7 @@ class Snapshot:
     is in UID order.
     """
 
-    __slots__ = ("mailbox", "base", "over", "gone", "highestmodseq", "_keywords", "_uids", "_folded")
+    __slots__ = ("mailbox", "base", "over", "gone", "highestmodseq", "_keywords", "_uids", "_folded", "memo")
 
     #: Changes kept beside the shared map before they are folded into a copy.
     OVERLAY_MAX = 512
@@ -258,6 +258,9 @@ class Snapshot:
         self._keywords = keywords
         self._uids = uids
         self._folded: dict[int, Message] | None = None
+        #: What protocols derive from these messages alone (a rendering of
+        #: all their flags, say), kept with the snapshot that it describes.
+        self.memo: dict[str, bytes] = {}
 
     @classmethod
     def of(cls, mailbox: Mailbox, messages: Iterable[Message], highestmodseq: int) -> Snapshot:
@@ -265,7 +268,7 @@ class Snapshot:
 
     def but(self, mailbox: Mailbox | None = None, highestmodseq: int | None = None) -> Snapshot:
         """The same messages with a fresher mailbox record or HIGHESTMODSEQ."""
-        return Snapshot(
+        fresher = Snapshot(
             mailbox or self.mailbox,
             self.base,
             self.highestmodseq if highestmodseq is None else highestmodseq,
@@ -274,6 +277,8 @@ class Snapshot:
             self.over,
             self.gone,
         )
+        fresher.memo = self.memo  # same messages, same renderings
+        return fresher
 
     @property
     def by_uid(self) -> dict[int, Message]:

@@ -48,6 +48,10 @@ class Selected:
         #: (uid -> modseq) changes this session already reported itself.
         self.reported: dict[int, int] = {}
         self.keywords: set[str] = set(snap.keywords)
+        #: The snapshot this view still equals, message for message and
+        #: number for number (until the view first changes): renderings of
+        #: the whole mailbox kept in its memo serve this session too.
+        self.pristine: Snapshot | None = snap
 
     #: The overlay is folded into a private map once it grows past this.
     OVERLAY_MAX = 512
@@ -63,11 +67,13 @@ class Selected:
         return uid in self._own or (uid in self._base and uid not in self._gone)
 
     def _set(self, m: Message) -> None:
+        self.pristine = None
         self._own[m.uid] = m
         if len(self._own) > self.OVERLAY_MAX:
             self._fold()
 
     def _drop(self, uid: int) -> None:
+        self.pristine = None
         self._own.pop(uid, None)
         if uid in self._base:
             self._gone.add(uid)
@@ -89,6 +95,7 @@ class Selected:
         return fold(self._base, self._own, self._gone) if self._own or self._gone else self._base
 
     def _own_uids(self) -> None:
+        self.pristine = None
         if self._shared_uids:
             self.uids = uid_array(self.uids)
             self._shared_uids = False

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -44,6 +44,10 @@ NO_EXPUNGE = ("FETCH", "STORE", "SEARCH", "SORT", "THREAD")
 IDLE_RECHECK = 60.0
 #: Messages whose emails a FETCH holds at once (see do_FETCH).
 FETCH_PAGE = 500
+#: Memo key of a snapshot's ``UID FETCH 1:* (FLAGS)`` answer, and the
+#: pieces it is written in.
+FLAGS_MEMO = "imap-flags"
+FLAGS_PIECE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,8 +702,18 @@ class ImapSession:
             out.add(line)
         if names <= {"UID", "FLAGS"} and "FLAGS" in names and (cmd.uid or "UID" in names) and cmd.changedsince is None:
             # The flag sync every client runs on every mailbox, in one format,
-            # each distinct flag list encoded once.
-            for block in _flag_lines(pairs, *sel.layers()):
+            # each distinct flag list encoded once; of the whole mailbox, as
+            # a new session sees it, rendered once per snapshot for every
+            # session that asks.
+            snap = sel.pristine
+            if snap is not None and len(pairs) == len(sel.uids):
+                whole = snap.memo.get(FLAGS_MEMO)
+                if whole is None:
+                    whole = snap.memo[FLAGS_MEMO] = b"".join(_flag_lines(pairs, *sel.layers()))
+                blocks: Iterable[bytes] = (whole[i : i + FLAGS_PIECE] for i in range(0, len(whole), FLAGS_PIECE))
+            else:
+                blocks = _flag_lines(pairs, *sel.layers())
+            for block in blocks:
                 if out.add(block):
                     await out.flush()
             return out.rest() + await self.updates("FETCH", cmd.uid) + [r.tagged(cmd.tag, "OK", None, "FETCH completed")]

@@ -1945,6 +1945,41 @@ async def test_fetch_reads_emails_a_page_at_a_time(node: Node, monkeypatch: pyte
     assert reads and max(reads) <= 2
 
 
+async def test_whole_mailbox_flag_fetch_is_right_for_every_session(node: Node) -> None:
+    # Sessions that selected the same unchanged mailbox share one rendering
+    # of its flags; one that changed it, or selected after a change, does not.
+    await node.seed(node.alice, *(simple(i) for i in range(1, 5)))
+
+    def go() -> list[list[bytes]]:
+        with wire(node) as a, wire(node) as b:
+            a.login()
+            b.login()
+            a.ok("SELECT INBOX")
+            b.ok("SELECT INBOX")
+            first = a.ok("UID FETCH 1:* (FLAGS)")
+            same = b.ok("UID FETCH 1:* (FLAGS)")
+            b.ok("STORE 2 +FLAGS.SILENT (\\Flagged)")
+            own = b.ok("UID FETCH 1:* (FLAGS)")
+            with wire(node) as c:
+                c.login()
+                c.ok("SELECT INBOX")
+                later = c.ok("FETCH 1:* (UID FLAGS)")
+            told = a.ok("UID FETCH 1:* (FLAGS)")  # the old view, then the news
+            again = a.ok("UID FETCH 1:* (FLAGS)")
+            return [first, same, own, later, told, again]
+
+    first, same, own, later, told, again = await run(go)
+    plain = [b"* %d FETCH (UID %d FLAGS ())\r\n" % (i, i) for i in range(1, 5)]
+    flagged = plain[:1] + [b"* 2 FETCH (UID 2 FLAGS (\\Flagged))\r\n"] + plain[2:]
+    assert fetch_lines(first) == fetch_lines(same) == plain
+    assert fetch_lines(own) == flagged
+    assert fetch_lines(later) == flagged
+    assert fetch_lines(told)[:4] == plain
+    [news] = fetch_lines(told)[4:]
+    assert news.startswith(b"* 2 FETCH (") and b"FLAGS (\\Flagged)" in news
+    assert fetch_lines(again) == flagged
+
+
 async def test_searchres_saved_result_in_fetch_and_uid_expunge(node: Node) -> None:
     uids = await node.seed(node.alice, *(simple(i) for i in range(1, 6)))
 
