@@ -74,9 +74,11 @@ def state_samples(state: ServerState) -> Iterator[Sample]:
 
 def store_samples(db: Any) -> Iterator[Sample]:
     """Group-commit counters of the embedded store (absent on other backends)."""
-    batches, commits = getattr(db, "batches", None), getattr(db, "commits", None)
+    batches, commits, syncs = getattr(db, "batches", None), getattr(db, "commits", None), getattr(db, "syncs", None)
     if isinstance(batches, int):
-        yield Sample("rookery_store_group_commits", "Group commits (one fsync each) done by this process.", "counter", batches)
+        yield Sample("rookery_store_group_commits", "Group commits (batches of transactions) done by this process.", "counter", batches)
+    if isinstance(syncs, int):
+        yield Sample("rookery_store_syncs", "WAL fsyncs made by this process (each covers every group commit before it).", "counter", syncs)
     if isinstance(commits, int):
         yield Sample("rookery_store_commits", "Transactions committed by this process.", "counter", commits)
 

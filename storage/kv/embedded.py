@@ -541,6 +541,7 @@ class EmbeddedDatabase:
         for thread in self._readers:
             thread.start()
         self.batches = 0  # group commits done, for benchmarks and tests
+        self.syncs = 0  # WAL fsyncs done
         self.commits = 0
 
     # -- public contract -------------------------------------------------
@@ -661,6 +662,7 @@ class EmbeddedDatabase:
                             wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
                             _fsync_directory(os.path.dirname(self.path))
                         os.fdatasync(wal_fd)
+                        self.syncs += 1
                     except OSError as exc:
                         log.critical("store stopped: fsync of the WAL failed: %s", exc)
                         self._failed = error = exc

@@ -261,6 +261,7 @@ def test_metrics_endpoint(tmp_path: Path, node_processes: list[NodeProcess]) -> 
     deliver(one, "counted")
     assert metrics(one)["rookery_store_commits_total"] > before
     assert metrics(one)["rookery_store_group_commits_total"] >= 1
+    assert 1 <= metrics(one)["rookery_store_syncs_total"] <= metrics(one)["rookery_store_group_commits_total"]
 
 
 async def test_metric_sources_are_read_at_scrape_time(tmp_path: Path) -> None:
