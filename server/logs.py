@@ -50,7 +50,7 @@ class PeerFromArgs(logging.Filter):
     own lines carry, so every protocol line has it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "peer"):
+        if record.name == "mail.log" and not hasattr(record, "peer"):
             args = record.args
             if isinstance(args, tuple) and args:
                 first = args[0]

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -705,17 +705,21 @@ class ImapSession:
             # each distinct flag list encoded once; of the whole mailbox, as
             # a new session sees it, rendered once per snapshot for every
             # session that asks.
-            snap = sel.pristine
-            if snap is not None and len(pairs) == len(sel.uids):
-                whole = snap.memo.get(FLAGS_MEMO)
-                if whole is None:
-                    whole = snap.memo[FLAGS_MEMO] = b"".join(_flag_lines(pairs, *sel.layers()))
-                blocks: Iterable[bytes] = (whole[i : i + FLAGS_PIECE] for i in range(0, len(whole), FLAGS_PIECE))
+            snap = sel.pristine if len(pairs) == len(sel.uids) else None
+            whole = snap.memo.get(FLAGS_MEMO) if snap is not None else None
+            if whole is not None:
+                for block in _whole_lines(whole, FLAGS_PIECE):
+                    if out.add(block):
+                        await out.flush()
             else:
-                blocks = _flag_lines(pairs, *sel.layers())
-            for block in blocks:
-                if out.add(block):
-                    await out.flush()
+                made: list[bytes] = []
+                for block in _flag_lines(pairs, *sel.layers()):
+                    if snap is not None:
+                        made.append(block)
+                    if out.add(block):
+                        await out.flush()
+                if snap is not None:
+                    snap.memo[FLAGS_MEMO] = b"".join(made)
             return out.rest() + await self.updates("FETCH", cmd.uid) + [r.tagged(cmd.tag, "OK", None, "FETCH completed")]
         msgs = [(seq, m) for seq, uid in pairs if (m := sel.msg(uid)) is not None]
         if cmd.changedsince is not None:
@@ -928,6 +932,18 @@ def _blob_reader(storage: Storage) -> tuple[RawReader, RawStreamer]:
 
 #: Messages per block of :func:`_flag_lines` (about 200 kB of text).
 FLAG_BLOCK = 4096
+
+
+def _whole_lines(data: bytes, size: int) -> Iterator[bytes]:
+    """``data`` in pieces of about ``size`` bytes, each ending a line: a
+    flush between pieces never leaves a response half written."""
+    start = 0
+    while start < len(data):
+        end = data.rfind(b"\n", start, start + size) + 1 if len(data) - start > size else len(data)
+        if end <= start:  # one line longer than size
+            end = data.find(b"\n", start + size) + 1 or len(data)
+        yield data[start:end]
+        start = end
 
 
 def _flag_lines(pairs: list[tuple[int, int]], own: dict[int, Message], base: dict[int, Message]) -> Iterator[bytes]:

@@ -93,11 +93,9 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('commit_version', 0);
 """
 
-#: The commit version (versionstamps' first 8 bytes), one row of ``kv`` so
-#: that the batch's multi-row insert writes it: FoundationDB's system key
-#: space (``\xff``), which no key of ``storage.keys`` reaches. Stores made
-#: before it kept the version in ``meta``; it starts from there.
-VERSION_KEY = b"\xff\xff/rookery/commit_version"
+#: Where a few development builds kept the commit version instead of
+#: ``meta``; a store opened finds it there at most once and moves it back.
+_STRAY_VERSION_KEY = b"\xff\xff/rookery/commit_version"
 
 
 def _fsync_directory(path: str) -> None:
@@ -160,8 +158,7 @@ class _ReadCache:
     """What the writer connection last read or wrote, for keys with small
     values: most of a body's reads are of the same hot keys (counters,
     mailbox and account records). Valid only while no other connection has
-    committed: every writer bumps the commit version (``VERSION_KEY``) at
-    every batch, and a batch that finds it other than this writer left it
+    committed: the writer checks ``PRAGMA data_version`` at every batch and
     empties the cache when another process (a second node, the CLI) wrote.
     Also emptied when a batch or a flushed body is rolled back."""
 
@@ -170,8 +167,7 @@ class _ReadCache:
 
     def __init__(self) -> None:
         self.entries: OrderedDict[bytes, bytes | None] = OrderedDict()
-        #: The commit version this writer last committed.
-        self.version = -1
+        self.data_version = -1
 
     def lookup(self, key: bytes) -> tuple[bool, bytes | None]:
         entries = self.entries
@@ -452,6 +448,10 @@ class _Job:
     result: Any = field(default=None)
 
 
+#: A job with its result or its error, as the syncer hands it back.
+_Answer = tuple[_Job, Any, BaseException | None]
+
+
 class _HandBack:
     """Results from the store's threads to the event loops awaiting them.
 
@@ -513,8 +513,14 @@ class EmbeddedDatabase:
         init = _connect(self.path)
         try:
             init.executescript(SCHEMA)
-            (old,) = init.execute("SELECT value FROM meta WHERE name = 'commit_version'").fetchone()
-            init.execute("INSERT OR IGNORE INTO kv VALUES (?, ?)", (VERSION_KEY, struct.pack(">Q", old)))
+            with init:
+                stray = init.execute("SELECT value FROM kv WHERE key = ?", (_STRAY_VERSION_KEY,)).fetchone()
+                if stray is not None:
+                    init.execute(
+                        "UPDATE meta SET value = max(value, ?) WHERE name = 'commit_version'",
+                        (struct.unpack(">Q", stray[0])[0],),
+                    )
+                    init.execute("DELETE FROM kv WHERE key = ?", (_STRAY_VERSION_KEY,))
         finally:
             init.close()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -526,8 +532,9 @@ class EmbeddedDatabase:
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="rookery-kv-checkpoint", daemon=True)
         self._checkpointer.start()
         self._hand_back = _HandBack()
-        #: Batches committed to the WAL, waiting for the syncer; ``None`` stops it.
-        self._unsynced: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        #: Answers of batches committed to the WAL, waiting for the syncer;
+        #: ``None`` stops it.
+        self._unsynced: queue.SimpleQueue[list[_Answer] | None] = queue.SimpleQueue()
         #: Why the store stopped (a failed fsync), once it has.
         self._failed: BaseException | None = None
         self._syncer = threading.Thread(target=self._sync_loop, name="rookery-kv-syncer", daemon=True)
@@ -623,6 +630,8 @@ class EmbeddedDatabase:
                 self._checkpoint_wanted.clear()
                 if self._closed:
                     break
+                if self._failed is not None:
+                    continue  # a checkpoint's sync must not stand in for the one that failed
                 if conn is None:
                     conn = _connect(self.path)
                 try:
@@ -634,8 +643,8 @@ class EmbeddedDatabase:
                 conn.close()
 
     def _sync_loop(self) -> None:
-        """Make committed batches durable, then hand their results back:
-        one ``fdatasync`` of the WAL for every batch committed meanwhile."""
+        """Make committed batches durable, then answer their callers: one
+        ``fdatasync`` of the WAL for every batch committed meanwhile."""
         wal_fd = -1
         stop = False
         try:
@@ -643,7 +652,7 @@ class EmbeddedDatabase:
                 first = self._unsynced.get()
                 if first is None:
                     break
-                jobs = list(first)
+                answers = list(first)
                 while True:  # every batch committed while the last sync ran
                     try:
                         more = self._unsynced.get_nowait()
@@ -652,7 +661,7 @@ class EmbeddedDatabase:
                     if more is None:
                         stop = True
                         break
-                    jobs.extend(more)
+                    answers.extend(more)
                 error: BaseException | None = self._failed
                 if error is None:
                     try:
@@ -661,16 +670,15 @@ class EmbeddedDatabase:
                             # the same file while the writer's connection is open.
                             wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
                             _fsync_directory(os.path.dirname(self.path))
-                        os.fdatasync(wal_fd)
+                        getattr(os, "fdatasync", os.fsync)(wal_fd)
                         self.syncs += 1
-                    except OSError as exc:
+                    except BaseException as exc:  # noqa: BLE001 - the store stops, callers are told
                         log.critical("store stopped: fsync of the WAL failed: %s", exc)
                         self._failed = error = exc
-                for job in jobs:
-                    if error is None:
-                        self._deliver(job, job.result, None)
-                    else:
-                        self._deliver(job, None, StoreUnavailable(f"commit not known to be durable: {error}"))
+                for job, result, failure in answers:
+                    if error is not None:
+                        failure = StoreUnavailable(f"commit not known to be durable: {error}")
+                    self._deliver(job, None if failure else result, failure)
         finally:
             if wal_fd >= 0:
                 os.close(wal_fd)
@@ -723,8 +731,15 @@ class EmbeddedDatabase:
         os.close(self._lock_fd)
 
     def _run_batch_locked(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[_Job]:
+        if self._failed is not None:
+            # Nothing committed from now on could be known to be durable.
+            for job in batch:
+                self._deliver(job, None, StoreUnavailable(f"store stopped after a failed fsync: {self._failed}"))
+            return []
         retry: list[_Job] = []
         done: list[_Job] = []
+        #: Bodies that raised: answered, like successes, once the batch is synced.
+        failed: list[tuple[_Job, BaseException]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -733,11 +748,13 @@ class EmbeddedDatabase:
         pending = _Layer()
         cache = self._cache
         try:
-            (raw,) = conn.execute("SELECT value FROM kv WHERE key = ?", (VERSION_KEY,)).fetchone()
-            (version,) = struct.unpack(">Q", raw)
-            if version != cache.version:
+            data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if data_version != cache.data_version:
                 cache.clear()  # another connection committed since our last batch
-            version += 1
+                cache.data_version = data_version
+            version = conn.execute(
+                "UPDATE meta SET value = value + 1 WHERE name = 'commit_version' RETURNING value"
+            ).fetchone()[0]
             for order, job in enumerate(batch):
                 stamp = struct.pack(">QH", version, order)
                 tr = _WriteTransaction(conn, time.monotonic(), stamp, pending, cache)
@@ -748,30 +765,37 @@ class EmbeddedDatabase:
                     if self.inject_conflicts and self._random.random() < self.inject_conflicts:
                         raise NotCommitted("injected conflict (test mode)")
                 except BaseException as exc:  # noqa: BLE001 - delivered to the caller
-                    tr.undo()
+                    try:
+                        tr.undo()
+                    except sqlite3.Error:
+                        retry.append(job)  # the whole batch is retried, this body with it
+                        raise
                     if isinstance(exc, RetryableError):
                         retry.append(job)
                     else:
-                        self._deliver(job, None, exc)
+                        failed.append((job, exc))
                     continue
-                tr.finish()
+                try:
+                    tr.finish()
+                except sqlite3.Error:
+                    retry.append(job)
+                    raise
                 done.append(job)
-            pending.put(VERSION_KEY, struct.pack(">Q", version))
             pending.apply(conn, cache)
             conn.execute("COMMIT")
-            cache.version = version
         except sqlite3.Error as exc:
-            log.warning("group commit failed, retrying %d bodies: %s", len(done), exc)
+            log.warning("group commit failed, retrying %d bodies: %s", len(done) + len(failed), exc)
             cache.clear()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            return self._requeue(done + retry, exc)
+            # A body's error may come from what the batch rolled back: run it again too.
+            return self._requeue(done + [job for job, _ in failed] + retry, exc)
         self.batches += 1
         if self.batches % CHECKPOINT_EVERY == 0:
             self._checkpoint_wanted.set()
         self.commits += len(done)
-        if done:
-            self._unsynced.put(done)
+        if done or failed:
+            self._unsynced.put([(job, job.result, None) for job in done] + [(job, None, exc) for job, exc in failed])
         return self._requeue(retry, NotCommitted("conflict"))
 
     def _deliver(self, job: _Job, result: Any, error: BaseException | None) -> None:

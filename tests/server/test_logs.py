@@ -8,8 +8,8 @@ import logging
 from server.logs import JsonFormatter, PeerFromArgs, TextFormatter
 
 
-def record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
-    rec = logging.LogRecord("mail.log", logging.WARNING, __file__, 1, msg, args, None)
+def record(msg: str, *args: object, logger: str = "mail.log", **extra: object) -> logging.LogRecord:
+    rec = logging.LogRecord(logger, logging.WARNING, __file__, 1, msg, args, None)
     rec.__dict__.update(extra)
     PeerFromArgs().filter(rec)
     return rec
@@ -26,3 +26,5 @@ def test_a_peer_given_is_kept_and_lines_without_one_get_none() -> None:
     assert record("%r x", ("10.0.0.1", 25), peer="192.0.2.1:99").peer == "192.0.2.1:99"  # type: ignore[attr-defined]
     assert not hasattr(record("plain line %s", "text"), "peer")
     assert not hasattr(record("no args"), "peer")
+    # Only aiosmtpd's logger: other lines' arguments are not read as peers.
+    assert not hasattr(record("%r x", ("10.0.0.1", 25), logger="storage.kv"), "peer")

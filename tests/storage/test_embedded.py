@@ -223,6 +223,18 @@ async def test_a_commit_is_answered_only_after_the_wal_is_synced(tmp_path: Path,
         count = len(synced)
         await asyncio.gather(*(db.transact(lambda tr, i=i: tr.set(pack(ITEMS + (i,)), b"y")) for i in range(50)))
         assert len(synced) - count < 50  # batches share syncs
+        assert db.syncs == len(synced) and db.syncs <= db.batches
+
+        # A body's error, like a result, is answered once its batch is synced.
+        def fails(tr: Transaction) -> None:
+            tr.set(COUNTER, b"z")
+            raise Boom()
+
+        count = len(synced)
+        with pytest.raises(Boom):
+            await db.transact(fails)
+        assert len(synced) == count + 1
+        assert await db.read(lambda tr: tr.get(COUNTER)) is None
     finally:
         await db.close()
 
@@ -251,8 +263,9 @@ async def test_a_failed_fsync_stops_the_store(tmp_path: Path, monkeypatch: pytes
         await db.close()
 
 
-async def test_commit_versions_go_on_from_a_store_that_kept_them_in_meta(tmp_path: Path) -> None:
+async def test_commit_versions_go_on_from_a_stray_version_row(tmp_path: Path) -> None:
     import sqlite3
+    import struct
 
     import storage.kv.embedded as embedded
     from storage.keys import versionstamp_key
@@ -260,9 +273,8 @@ async def test_commit_versions_go_on_from_a_store_that_kept_them_in_meta(tmp_pat
     db = EmbeddedDatabase(tmp_path / "data")
     await db.close()
     conn = sqlite3.connect(str(tmp_path / "data" / embedded.DB_FILENAME))
-    with conn:  # as an older version left it: the version in meta only
-        conn.execute("DELETE FROM kv WHERE key = ?", (embedded.VERSION_KEY,))
-        conn.execute("UPDATE meta SET value = 7000 WHERE name = 'commit_version'")
+    with conn:  # as a development build left it: the version in a kv row
+        conn.execute("INSERT INTO kv VALUES (?, ?)", (embedded._STRAY_VERSION_KEY, struct.pack(">Q", 7000)))
     conn.close()
     db = EmbeddedDatabase(tmp_path / "data")
     try:
@@ -270,5 +282,6 @@ async def test_commit_versions_go_on_from_a_store_that_kept_them_in_meta(tmp_pat
         (key, _), = await db.read(lambda tr: tr.get_range(*prefix_range(("t", "vs"))))
         stamp = key[len(pack(("t", "vs"))) + 1 :][:10]
         assert int.from_bytes(stamp[:8], "big") == 7001
+        assert await db.read(lambda tr: tr.get(embedded._STRAY_VERSION_KEY)) is None
     finally:
         await db.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from imapclient.response_parser import parse_fetch_response
 
 from protocols.imap.parse import parse_string
@@ -334,3 +336,15 @@ def test_rendered_strings_reparse() -> None:
     for value in (b"plain", b'q"uo\\te', b"line\r\nbreak", b"\xff\xfe", b""):
         assert parse_string(string(value)) == value
         assert parse_string(nstring(value)) == value
+
+
+@given(st.lists(st.integers(0, 60)), st.integers(1, 100))
+def test_a_rendered_answer_is_cut_only_at_line_ends(lengths: list[int], size: int) -> None:
+    from protocols.imap.session import _whole_lines
+
+    data = b"".join(b"x" * n + b"\r\n" for n in lengths)
+    pieces = list(_whole_lines(data, size))
+    assert b"".join(pieces) == data
+    # Every piece ends a line, and is no longer than ``size`` unless it is
+    # one line that is.
+    assert all(p.endswith(b"\r\n") and (len(p) <= size or p.count(b"\n") == 1) for p in pieces)
