@@ -28,6 +28,8 @@ from .kv.base import Database, ReadTransaction, Transaction
 CHUNK_SIZE = 96 * 1024
 #: Blobs up to this size are written in the linking transaction.
 INLINE_MAX = 1024 * 1024
+#: Inline blobs up to this size are written without a look for them first.
+BLIND_MAX = 64 * 1024
 #: Bytes of chunks per transaction when writing a large blob separately.
 WRITE_BATCH = 4 * 1024 * 1024
 #: An orphan younger than this is left alone (its writer may still link it).
@@ -60,12 +62,16 @@ def chunk_count(size: int) -> int:
 def put_inline(tr: Transaction, digest: bytes, data: bytes) -> None:
     """Store a small blob in the caller's transaction.
 
-    Written blind, without looking whether it is there: the same digest is
-    the same bytes, so rewriting a blob changes nothing, and a delivery
-    spends no read on it. A purge racing with it cannot win either way: on
-    FoundationDB, a purge committing first is undone by these writes (they
-    read nothing it wrote), and one committing after conflicts on the
-    reference the caller writes beside them, and finds it on its retry."""
+    Up to :data:`BLIND_MAX` bytes it is written blind, without looking
+    whether it is there: the same digest is the same bytes, so rewriting a
+    blob changes nothing, and a delivery spends no read on it (a larger one
+    is looked for first: a read costs less than rewriting it). A purge
+    racing with a blind write cannot win either way: on FoundationDB, a
+    purge committing first is undone by these writes (they read nothing it
+    wrote), and one committing after conflicts on the reference the caller
+    writes beside them, and finds it on its retry."""
+    if len(data) > BLIND_MAX and exists(tr, digest):
+        return
     write_chunks(tr, digest, data, 0, chunk_count(len(data)))
     tr.set(keys.blob_meta(digest), struct.pack(">QI", len(data), chunk_count(len(data))))
 
