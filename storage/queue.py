@@ -251,16 +251,23 @@ def _get_lease(tr: ReadTransaction, qid: int) -> Lease | None:
     return None if raw is None else Lease.from_json(raw)
 
 
-def get_message(tr: ReadTransaction, qid: int) -> QueuedMessage | None:
+def _read(tr: ReadTransaction, qid: int, recipients: bool = True) -> tuple[QueuedMessage, Lease | None] | None:
+    """A message and its lease, read once. ``recipients=False`` leaves its
+    recipient list empty, for bodies that do not look at it (a removal)."""
     raw = tr.get(keys.queue_message(qid))
     if raw is None:
         return None
-    rcpts = [_rcpt_from(v) for _, v in tr.get_range(*keys.queue_recipients(qid))]
+    rcpts = [_rcpt_from(v) for _, v in tr.get_range(*keys.queue_recipients(qid))] if recipients else []
     msg = QueuedMessage._from(qid, raw, rcpts)
     lease = _get_lease(tr, qid)
     if lease is not None:
         msg.lease_owner, msg.lease_expires = lease.owner, lease.expires
-    return msg
+    return msg, lease
+
+
+def get_message(tr: ReadTransaction, qid: int) -> QueuedMessage | None:
+    found = _read(tr, qid)
+    return None if found is None else found[0]
 
 
 def _due_ms(msg: QueuedMessage, lease: Lease | None) -> int:
@@ -289,25 +296,29 @@ def put_message(tr: Transaction, msg: QueuedMessage) -> None:
 
 def remove_message(tr: Transaction, qid: int) -> bool:
     """Delete a message, its index entry and lease; unlink its body."""
-    msg = get_message(tr, qid)
-    if msg is None:
+    found = _read(tr, qid, recipients=False)
+    if found is None:
         return False
-    lease = _get_lease(tr, qid)
-    tr.clear(keys.queue_due(_due_ms(msg, lease), qid))
-    tr.clear(keys.queue_lease(qid))
-    tr.clear(keys.queue_message(qid))
-    tr.clear_range(*keys.queue_recipients(qid))
-    blobs.unlink(tr, msg.digest, QUEUE_REF, qid)
-    tr.add(keys.QUEUE_SIZE, -1)
+    _remove(tr, *found)
     return True
 
 
-def _check_owner(tr: ReadTransaction, qid: int, owner: str) -> tuple[QueuedMessage, Lease]:
-    msg = get_message(tr, qid)
-    lease = _get_lease(tr, qid)
-    if msg is None or lease is None or lease.owner != owner:
+def _remove(tr: Transaction, msg: QueuedMessage, lease: Lease | None) -> None:
+    """Delete ``msg`` as just read with its ``lease``."""
+    tr.clear(keys.queue_due(_due_ms(msg, lease), msg.id))
+    tr.clear(keys.queue_lease(msg.id))
+    tr.clear(keys.queue_message(msg.id))
+    tr.clear_range(*keys.queue_recipients(msg.id))
+    blobs.unlink(tr, msg.digest, QUEUE_REF, msg.id)
+    tr.add(keys.QUEUE_SIZE, -1)
+
+
+def _check_owner(tr: ReadTransaction, qid: int, owner: str, recipients: bool = True) -> tuple[QueuedMessage, Lease]:
+    found = _read(tr, qid, recipients)
+    lease = None if found is None else found[1]
+    if found is None or lease is None or lease.owner != owner:
         raise LeaseLost(f"lease of {format_id(qid)} is not held by {owner}")
-    return msg, lease
+    return found[0], lease
 
 
 def paused_domains(tr: ReadTransaction) -> set[str]:
@@ -332,11 +343,11 @@ def claim_due(tr: Transaction, owner: str, now: float, limit: int, lease_seconds
         if len(out) >= limit:
             break
         _, _, due, qid = keys.unpack(key)
-        msg = get_message(tr, qid)
-        if msg is None:
+        found = _read(tr, qid)
+        if found is None:
             tr.clear(key)  # stale index entry
             continue
-        lease = _get_lease(tr, qid)
+        msg, lease = found
         if lease is not None and lease.expires > now and lease.owner != owner:
             continue  # held (its index entry is its expiry; should not be here)
         open_rcpts = msg.open_recipients
@@ -374,9 +385,11 @@ def claim_next(
     if not rows:
         return None, None
     qid = keys.unpack(rows[0][0])[2]
-    msg = get_message(tr, qid)
-    lease = _get_lease(tr, qid)
-    if msg is None or (lease is not None and lease.expires > now and lease.owner != owner):
+    found = _read(tr, qid)
+    if found is None:
+        return qid, None
+    msg, lease = found
+    if lease is not None and lease.expires > now and lease.owner != owner:
         return qid, None
     new = Lease(owner, now + lease_seconds)
     tr.clear(keys.queue_due(_due_ms(msg, lease), qid))
@@ -421,7 +434,7 @@ def defer(tr: Transaction, qid: int, owner: str, next_time: float, recipients: S
     """Store recipient results (if given), set the next attempt, release.
     ``warned``: the sender has now been sent a delay warning."""
     try:
-        msg, lease = _check_owner(tr, qid, owner)
+        msg, lease = _check_owner(tr, qid, owner, recipients=recipients is None)
     except LeaseLost:
         return False
     if recipients is not None:
@@ -442,22 +455,24 @@ def defer(tr: Transaction, qid: int, owner: str, next_time: float, recipients: S
 def complete(tr: Transaction, qid: int, owner: str) -> bool:
     """Every recipient is done: delete the message (compare-owner)."""
     try:
-        _check_owner(tr, qid, owner)
+        msg, lease = _check_owner(tr, qid, owner, recipients=False)
     except LeaseLost:
         return False
-    return remove_message(tr, qid)
+    _remove(tr, msg, lease)
+    return True
 
 
 def bounce(tr: Transaction, qid: int, owner: str, dsn: QueuedMessage | None = None) -> bool:
     """Give up on every open recipient: queue the DSN (its body blob already
     stored) and delete the message, in one transaction (compare-owner)."""
     try:
-        _check_owner(tr, qid, owner)
+        msg, lease = _check_owner(tr, qid, owner, recipients=False)
     except LeaseLost:
         return False
     if dsn is not None:
         put_message(tr, dsn)
-    return remove_message(tr, qid)
+    _remove(tr, msg, lease)
+    return True
 
 
 def finish(tr: Transaction, msg: QueuedMessage, owner: str, dsn: QueuedMessage | None = None) -> bool:
@@ -465,23 +480,28 @@ def finish(tr: Transaction, msg: QueuedMessage, owner: str, dsn: QueuedMessage |
     its recipients, attempts and next attempt as set on ``msg``; queue
     ``dsn`` (its body blob already stored) in the same transaction; delete
     the message if no recipient is open, else release it until its next attempt."""
+    if msg.open_recipients:
+        if not defer(tr, msg.id, owner, msg.next_attempt, msg.recipients, msg.attempts, msg.warned):
+            return False
+        if dsn is not None:
+            put_message(tr, dsn)
+        return True
     try:
-        _check_owner(tr, msg.id, owner)
+        stored, lease = _check_owner(tr, msg.id, owner, recipients=False)
     except LeaseLost:
         return False
     if dsn is not None:
         put_message(tr, dsn)
-    if not msg.open_recipients:
-        return remove_message(tr, msg.id)
-    return defer(tr, msg.id, owner, msg.next_attempt, msg.recipients, msg.attempts, msg.warned)
+    _remove(tr, stored, lease)
+    return True
 
 
 def retry_now(tr: Transaction, qid: int, now: float) -> bool:
     """Make an unleased message due now (``queue retry``)."""
-    msg = get_message(tr, qid)
-    if msg is None:
+    found = _read(tr, qid, recipients=False)
+    if found is None:
         raise NotFound(f"no queued message {format_id(qid)}")
-    lease = _get_lease(tr, qid)
+    msg, lease = found
     if lease is not None and lease.expires > now:
         return False  # being delivered right now
     tr.clear(keys.queue_due(_due_ms(msg, lease), qid))

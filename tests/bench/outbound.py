@@ -146,7 +146,20 @@ async def fill(data: Path, messages: int) -> None:
         await storage.close()
 
 
-def run(tmp: Path, sink: Sink, messages: int, nodes: int, throttle: bool) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_share() -> tuple[float, float]:
+    """The machine's idle and total CPU jiffies so far (Linux /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return values[3] + values[4], sum(values)
+
+
+def run(tmp: Path, sink: Sink, messages: int, nodes: int, throttle: bool) -> tuple[float, float, float]:
+    """Messages/s, the nodes' CPU ms per message, and the machine's idle share while they worked."""
     data = tmp / f"data-{nodes}-{throttle}"
     rookery("domain", "add", "example.com", data=data)
     asyncio.run(fill(data, messages))
@@ -158,6 +171,8 @@ def run(tmp: Path, sink: Sink, messages: int, nodes: int, throttle: bool) -> flo
     before = sink.count()
     procs = [NodeProcess(data, ("http",), "--config", str(config)) for _ in range(nodes)]
     try:
+        cpu0 = sum(cpu_seconds(p.proc.pid) for p in procs)
+        idle0, total0 = idle_share()
         t0 = time.perf_counter()
         rookery("queue", "resume", data=data)
         deadline = t0 + 600
@@ -165,10 +180,12 @@ def run(tmp: Path, sink: Sink, messages: int, nodes: int, throttle: bool) -> flo
             time.sleep(0.05)
         elapsed = time.perf_counter() - t0
         done = sink.count() - before
+        cpu = sum(cpu_seconds(p.proc.pid) for p in procs) - cpu0
+        idle1, total1 = idle_share()
     finally:
         for p in procs:
             p.close()
-    return done / elapsed
+    return done / elapsed, 1000 * cpu / max(done, 1), (idle1 - idle0) / max(total1 - total0, 1)
 
 
 def main() -> int:
@@ -188,9 +205,10 @@ def main() -> int:
             sink.close()
     print(
         f"outbound msgs/s (10 kB, queue -> loopback sink): sink_alone={alone['msgs_per_s']} "
-        f"one_node={one:.0f} two_nodes={two:.0f} (x{two / one:.2f}, goal >=1.5) "
-        f"one_node_throttled={throttled:.0f} (check cost {100 * (1 - throttled / one):.0f}%, goal <10%) "
-        f"goal one_node>=300 on {os.cpu_count()} cores"
+        f"one_node={one[0]:.0f} two_nodes={two[0]:.0f} (x{two[0] / one[0]:.2f}, goal >=1.5) "
+        f"one_node_throttled={throttled[0]:.0f} (check cost {100 * (1 - throttled[0] / one[0]):.0f}%, goal <10%) "
+        f"goal one_node>=300 on {os.cpu_count()} cores; node CPU ms/msg one={one[1]:.2f} two={two[1]:.2f}, "
+        f"machine idle one={100 * one[2]:.0f}% two={100 * two[2]:.0f}%"
     )
     return 0
 
