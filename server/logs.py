@@ -6,8 +6,11 @@ its connection peer.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 
@@ -61,12 +64,48 @@ class PeerFromArgs(logging.Filter):
         return True
 
 
+class _Handoff(logging.handlers.QueueHandler):
+    """Hands records to a writer thread, so that nothing on the event loop
+    waits on stderr (DESIGN.md principle 6: a pipe to a slow log collector
+    blocks its writer when full). The message is merged with its arguments
+    here, as they may change later; the formatting and the write happen in
+    the writer thread."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg = record.getMessage()
+        record.args = None
+        return record
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
+    global _listener
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(PeerFromArgs())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    handoff = _Handoff(records)
+    handoff.addFilter(PeerFromArgs())
+    if _listener is not None:
+        _listener.stop()
+    _listener = logging.handlers.QueueListener(records, handler)
+    _listener.start()
+    atexit.unregister(flush)
+    atexit.register(flush)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handoff]
     root.setLevel(level.upper())
     # aiosmtpd logs every command line at INFO; ours already name the peer.
     logging.getLogger("mail.log").setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)
+    # Lines name their logger, not their source line: no stack walk per record.
+    logging._srcfile = None  # the documented switch (logging/__init__.py)
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+
+
+def flush() -> None:
+    """Write out every line logged so far and stop the writer thread (at exit)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None

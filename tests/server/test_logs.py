@@ -28,3 +28,50 @@ def test_a_peer_given_is_kept_and_lines_without_one_get_none() -> None:
     assert not hasattr(record("no args"), "peer")
     # Only aiosmtpd's logger: other lines' arguments are not read as peers.
     assert not hasattr(record("%r x", ("10.0.0.1", 25), logger="storage.kv"), "peer")
+
+
+def test_lines_are_written_off_the_caller_and_flushed_at_exit(monkeypatch) -> None:  # noqa: ANN001 - pytest fixture
+    import io
+    import sys
+    import threading
+
+    from server import logs
+
+    class Stalled(io.StringIO):
+        """A stderr that blocks its writer until released (a full pipe)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = threading.Event()
+
+        def write(self, text: str) -> int:
+            assert self.release.wait(10)
+            return super().write(text)
+
+    stream = Stalled()
+    monkeypatch.setattr(sys, "stderr", stream)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("mail.log").level
+    for name in ("_srcfile", "logProcesses", "logThreads", "logMultiprocessing"):
+        monkeypatch.setattr(logging, name, getattr(logging, name))
+    try:
+        logs.setup("info", "text")
+        args = ["first"]
+        logging.getLogger("storage.kv").info("value %s", args)
+        args[0] = "changed"  # the line keeps what was logged
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("storage.kv").exception("failed")
+        assert stream.getvalue() == ""  # the caller went on while stderr was stuck
+        stream.release.set()
+        logs.flush()
+        out = stream.getvalue()
+        assert "storage.kv: value ['first']" in out
+        assert "failed" in out and "ValueError: boom" in out
+    finally:
+        stream.release.set()
+        logs.flush()
+        root.handlers[:], level, mail_level = saved
+        root.setLevel(level)
+        logging.getLogger("mail.log").setLevel(mail_level)
