@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,3 +27,31 @@ def anchor_log(name: str):  # noqa: ANN201 - a file object
     """Where an anchor script's own output goes. Not a pipe: the daemons it
     starts inherit the descriptors and would keep a pipe open forever."""
     return open(Path(tempfile.gettempdir()) / f"rookery-anchor-{name}.log", "ab")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_jiffies() -> tuple[int, int]:
+    """The machine's idle and total CPU jiffies so far (Linux /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return values[3] + values[4], sum(values)
+
+
+class Usage:
+    """CPU a process spent, and the machine's idle share, over a stretch of time:
+    a figure that falls short is CPU-bound only if the machine had none left."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.cpu0 = sum(cpu_seconds(p) for p in pids)
+        self.idle0, self.total0 = idle_jiffies()
+
+    def stop(self, units: int) -> tuple[float, float]:
+        """(CPU ms per unit of work, idle share of the machine 0..1)."""
+        cpu = sum(cpu_seconds(p) for p in self.pids) - self.cpu0
+        idle, total = idle_jiffies()
+        return 1000 * cpu / max(units, 1), (idle - self.idle0) / max(total - self.total0, 1)

@@ -26,7 +26,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from _common import ANCHORS, json_lines
+from _common import ANCHORS, Usage, json_lines
 
 from helpers import NodeProcess, rookery
 
@@ -146,18 +146,6 @@ async def fill(data: Path, messages: int) -> None:
         await storage.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def idle_share() -> tuple[float, float]:
-    """The machine's idle and total CPU jiffies so far (Linux /proc/stat)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return values[3] + values[4], sum(values)
-
-
 def run(tmp: Path, sink: Sink, messages: int, nodes: int, throttle: bool) -> tuple[float, float, float]:
     """Messages/s, the nodes' CPU ms per message, and the machine's idle share while they worked."""
     data = tmp / f"data-{nodes}-{throttle}"
@@ -171,8 +159,7 @@ def run(tmp: Path, sink: Sink, messages: int, nodes: int, throttle: bool) -> tup
     before = sink.count()
     procs = [NodeProcess(data, ("http",), "--config", str(config)) for _ in range(nodes)]
     try:
-        cpu0 = sum(cpu_seconds(p.proc.pid) for p in procs)
-        idle0, total0 = idle_share()
+        usage = Usage([p.proc.pid for p in procs])
         t0 = time.perf_counter()
         rookery("queue", "resume", data=data)
         deadline = t0 + 600
@@ -180,12 +167,11 @@ def run(tmp: Path, sink: Sink, messages: int, nodes: int, throttle: bool) -> tup
             time.sleep(0.05)
         elapsed = time.perf_counter() - t0
         done = sink.count() - before
-        cpu = sum(cpu_seconds(p.proc.pid) for p in procs) - cpu0
-        idle1, total1 = idle_share()
+        cpu_ms, idle = usage.stop(done)
     finally:
         for p in procs:
             p.close()
-    return done / elapsed, 1000 * cpu / max(done, 1), (idle1 - idle0) / max(total1 - total0, 1)
+    return done / elapsed, cpu_ms, idle
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ANCHORS, anchor_log, json_lines
+from _common import ANCHORS, Usage, anchor_log, json_lines
 
 from helpers import NodeProcess, rookery
 
@@ -43,7 +43,9 @@ def bench_rookery(concs: list[int], messages: int) -> dict[int, dict[str, object
         try:
             results = {}
             for c in concs:
+                usage = Usage([node.proc.pid])
                 results[c] = load(f"127.0.0.1:{node.ports['smtp']}", c, messages, "alice@example.com")
+                results[c]["node_cpu_ms"], results[c]["idle"] = usage.stop(int(str(results[c]["ok"])))
             return results
         finally:
             node.close()
@@ -83,6 +85,14 @@ def main() -> int:
             for c in concs
             if theirs[c]["msgs_per_s"]
         ]
+    # What limits a figure: the node's CPU per message, the load generator's,
+    # and how much of the 2 cores the machine left idle while it ran.
+    parts += [
+        f"c{c}[node_cpu={float(str(ours[c]['node_cpu_ms'])):.2f}ms/msg "
+        f"client_cpu={1000 * float(str(ours[c]['client_cpu_s'])) / max(int(str(ours[c]['ok'])), 1):.2f}ms/msg "
+        f"idle={100 * float(str(ours[c]['idle'])):.0f}%]"
+        for c in concs
+    ]
     print(f"smtp_inbound msgs/s (10 kB, durable before 250): {' '.join(parts)} failed={failed}")
     return 0
 
