@@ -636,8 +636,11 @@ class EmbeddedDatabase:
                     conn = _connect(self.path)
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:  # busy with another process's checkpoint: next time
-                    log.debug("checkpoint skipped: %s", exc)
+                except sqlite3.Error as exc:
+                    # Busy with another process's checkpoint: next time. Any
+                    # other error (I/O, a full disk) is worth an operator's eye.
+                    busy = getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                    log.log(logging.DEBUG if busy else logging.WARNING, "checkpoint skipped: %s", exc)
         finally:
             if conn is not None:
                 conn.close()

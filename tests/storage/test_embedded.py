@@ -129,6 +129,55 @@ async def test_wal_is_checkpointed_off_the_writer(tmp_path: Path) -> None:
         await db.close()
 
 
+@pytest.mark.parametrize("busy", [True, False])
+async def test_a_failed_checkpoint_is_a_warning_unless_another_process_was_at_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, busy: bool
+) -> None:
+    import logging
+    import sqlite3
+    import threading
+
+    import storage.kv.embedded as embedded
+
+    real_connect = embedded._connect
+
+    class Failing:
+        """The checkpointer's connection: every checkpoint fails."""
+
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if "wal_checkpoint" in sql:
+                exc = sqlite3.OperationalError("database is locked" if busy else "disk I/O error")
+                exc.sqlite_errorcode = sqlite3.SQLITE_BUSY if busy else sqlite3.SQLITE_IOERR  # type: ignore[attr-defined]
+                raise exc
+            return self.conn.execute(sql, *args)
+
+        def close(self) -> None:
+            self.conn.close()
+
+    def connect(path: str) -> object:
+        conn = real_connect(path)
+        return Failing(conn) if threading.current_thread().name == "rookery-kv-checkpoint" else conn
+
+    monkeypatch.setattr(embedded, "_connect", connect)
+    caplog.set_level(logging.DEBUG, logger="storage.kv.embedded")
+    db = EmbeddedDatabase(tmp_path / "data")
+    try:
+        for i in range(2 * embedded.CHECKPOINT_EVERY):  # asks the checkpointer
+            await db.transact(lambda tr, i=i: tr.set(pack(ITEMS + (i,)), b"v"))
+        deadline = asyncio.get_running_loop().time() + 10
+        while not any("checkpoint skipped" in r.getMessage() for r in caplog.records):
+            assert asyncio.get_running_loop().time() < deadline, "the checkpointer never tried"
+            await asyncio.sleep(0.05)
+        assert await db.read(lambda tr: tr.get(pack(ITEMS + (0,)))) == b"v"  # the store goes on
+    finally:
+        await db.close()
+    levels = {r.levelno for r in caplog.records if "checkpoint skipped" in r.getMessage()}
+    assert levels == ({logging.DEBUG} if busy else {logging.WARNING})
+
+
 async def test_range_reads_merge_pending_writes_like_a_model(db: EmbeddedDatabase) -> None:
     """Random writes, clears and range reads (limits, reverse) in bodies of
     shared batches give what a plain dict model of the store gives."""
