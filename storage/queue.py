@@ -434,13 +434,27 @@ def defer(tr: Transaction, qid: int, owner: str, next_time: float, recipients: S
     """Store recipient results (if given), set the next attempt, release.
     ``warned``: the sender has now been sent a delay warning."""
     try:
-        msg, lease = _check_owner(tr, qid, owner, recipients=recipients is None)
+        msg, lease = _check_owner(tr, qid, owner)
     except LeaseLost:
         return False
+    _release(tr, msg, lease, next_time, recipients, attempts, warned)
+    return True
+
+
+def _release(tr: Transaction, msg: QueuedMessage, lease: Lease, next_time: float,
+             recipients: Sequence[Recipient] | None, attempts: int | None, warned: bool) -> None:
+    """:func:`defer` of ``msg`` as just read, recipients and all. Recipients
+    stored beyond those given were appended since the caller read the message
+    (:meth:`Queue.add_recipients`: a submission's local part the queue takes
+    over): they are kept, and made due when the message was."""
+    qid = msg.id
     if recipients is not None:
+        added = msg.recipients[len(recipients):]
         for i, r in enumerate(recipients):
             tr.set(keys.queue_recipient(qid, i), _rcpt_value(r))
-        msg.recipients = list(recipients)
+        msg.recipients = list(recipients) + added
+        if any(r.open for r in added):
+            next_time = min(next_time, msg.next_attempt)
     if attempts is not None:
         msg.attempts = attempts
     msg.warned = msg.warned or warned
@@ -449,7 +463,6 @@ def defer(tr: Transaction, qid: int, owner: str, next_time: float, recipients: S
     msg.next_attempt = next_time
     tr.set(keys.queue_message(qid), msg._record())
     tr.set(keys.queue_due(ms(next_time), qid), b"")
-    return True
 
 
 def complete(tr: Transaction, qid: int, owner: str) -> bool:
@@ -479,20 +492,18 @@ def finish(tr: Transaction, msg: QueuedMessage, owner: str, dsn: QueuedMessage |
     """Store the outcome of a delivery round for a message held by ``owner``:
     its recipients, attempts and next attempt as set on ``msg``; queue
     ``dsn`` (its body blob already stored) in the same transaction; delete
-    the message if no recipient is open, else release it until its next attempt."""
-    if msg.open_recipients:
-        if not defer(tr, msg.id, owner, msg.next_attempt, msg.recipients, msg.attempts, msg.warned):
-            return False
-        if dsn is not None:
-            put_message(tr, dsn)
-        return True
+    the message if no recipient is open (counting any appended since ``msg``
+    was read), else release it until its next attempt."""
     try:
-        stored, lease = _check_owner(tr, msg.id, owner, recipients=False)
+        stored, lease = _check_owner(tr, msg.id, owner)
     except LeaseLost:
         return False
     if dsn is not None:
         put_message(tr, dsn)
-    _remove(tr, stored, lease)
+    if msg.open_recipients or any(r.open for r in stored.recipients[len(msg.recipients):]):
+        _release(tr, stored, lease, msg.next_attempt, msg.recipients, msg.attempts, msg.warned)
+    else:
+        _remove(tr, stored, lease)
     return True
 
 

@@ -15,6 +15,7 @@ from storage.queue import (
     DELIVERED,
     FAILED,
     OPEN,
+    PENDING,
     Queue,
     RateLimited,
     ThrottleRule,
@@ -120,6 +121,35 @@ async def test_finish_defers_then_completes_and_unlinks(storage: Storage, queue:
     assert await storage.db.read(lambda tr: blobs.exists(tr, msg.digest))
     assert await storage.db.read(lambda tr: tr.get_range(*keys.BLOB_ORPHANS))
     assert await queue.next_due() is None
+
+
+async def test_recipients_appended_while_a_worker_holds_the_message_are_not_lost(storage: Storage, queue: Queue) -> None:
+    """A submission whose local part failed hands it to the queue
+    (``add_recipients``) after the message was committed: a worker may have
+    claimed it already. Its finish must keep what it did not know of."""
+    msg = await queue.enqueue("a@example.org", ["x@remote.test"], RAW, now=T0)
+    [m] = await queue.claim("A", T0, 1, 60)
+    await queue.add_recipients(msg.id, [("bob@example.org", 7)])
+    m.recipients[0].status = DELIVERED
+    m.next_attempt = T0 + 900
+    assert await queue.finish(m, "A")  # every recipient the worker knew of is done
+    shown = await queue.show(msg.id)
+    assert [(r.address, r.status, r.local) for r in shown.recipients] == [
+        ("x@remote.test", DELIVERED, None), ("bob@example.org", PENDING, 7)
+    ]
+    [again] = await queue.claim("B", T0 + 1, 1, 60)  # due when it was first, not after the retry delay
+    assert [r.address for r in again.open_recipients] == ["bob@example.org"]
+    # The same when the worker still has recipients open: both kinds are kept.
+    msg2 = await queue.enqueue("a@example.org", ["y@remote.test"], RAW, now=T0)
+    [m2] = await queue.claim("A", T0, 1, 60)
+    await queue.add_recipients(msg2.id, [("carol@example.org", 8)])
+    m2.recipients[0].status = "deferred"
+    m2.next_attempt = T0 + 900
+    assert await queue.finish(m2, "A")
+    shown2 = await queue.show(msg2.id)
+    assert [(r.address, r.status) for r in shown2.recipients][0] == ("y@remote.test", "deferred")
+    assert [r.address for r in shown2.open_recipients] == ["y@remote.test", "carol@example.org"]
+    assert shown2.next_attempt == T0
 
 
 async def test_finish_queues_dsn_in_the_same_transaction(queue: Queue) -> None:
