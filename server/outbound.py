@@ -1120,7 +1120,12 @@ class OutboundWorker:
                             await self.queue.release(qid, self.owner, self.clock(), msg.next_attempt)
                             break
                     why = await self._relay_one(client, host, msg)
-                    if why is None and await self.queue.complete(qid, self.owner):
+                    if why is None:
+                        # Finished rather than deleted: a recipient appended
+                        # meanwhile (Queue.add_recipients) stays queued.
+                        for r in msg.open_recipients:
+                            r.status, r.reply, r.remote, r.updated = DELIVERED, f"relayed to {host}", host, time.time()
+                    if why is None and await self.queue.finish(msg, self.owner):
                         report.relayed += 1
                         log.info("relayed", extra={"queue_id": msg.qid, "host": host})
                         continue
