@@ -31,6 +31,7 @@ still polls the store (DESIGN.md principle 1).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -459,6 +460,8 @@ class OutboundWorker:
         self.owner = f"{node_id or 'node'}-{secrets.token_hex(6)}"
         self._held: dict[int, QueuedMessage] = {}
         self._slots: set[tuple[str, int]] = set()
+        #: Per rule: slot takes and releases this node has under way in the store.
+        self._trying: collections.Counter[str] = collections.Counter()
         self._releases: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -857,8 +860,18 @@ class OutboundWorker:
                 continue
             delay = 0.05
             while True:
-                n = await self.queue.acquire_slot(rule.name, rule.max_connections, self.owner, self.clock(),
-                                                  self.settings.lease_seconds)
+                # If this node holds every slot of the rule, counting the
+                # takes and releases it has under way, the store would refuse:
+                # wait for one of ours instead of a transaction to learn that.
+                mine = sum(1 for name, _ in self._slots if name == rule.name) + self._trying[rule.name]
+                n = None
+                if mine < rule.max_connections:
+                    self._trying[rule.name] += 1
+                    try:
+                        n = await self.queue.acquire_slot(rule.name, rule.max_connections, self.owner, self.clock(),
+                                                          self.settings.lease_seconds)
+                    finally:
+                        self._trying[rule.name] -= 1
                 if n is not None:
                     held.append((rule.name, n))
                     self._slots.add((rule.name, n))
@@ -877,10 +890,14 @@ class OutboundWorker:
     async def _release(self, held: list[tuple[str, int]]) -> None:
         for rule, n in held:
             self._slots.discard((rule, n))
+            # Still counted as ours until the store has it free (see _acquire).
+            self._trying[rule] += 1
             try:
                 await self.queue.release_slot(rule, n, self.owner)
             except Exception:
                 log.exception("throttle slot release failed")  # it expires on its own
+            finally:
+                self._trying[rule] -= 1
         if held:
             # Only now that the store has the slots free: a waiter woken
             # earlier would find them still taken and back off for longer.

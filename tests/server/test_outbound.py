@@ -505,6 +505,39 @@ async def test_throttle_holds_across_two_workers(tmp_path: Path, ca: trustme.CA)
             await two.close()
 
 
+async def test_a_worker_holding_every_slot_waits_without_asking_the_store(tmp_path: Path, ca: trustme.CA) -> None:
+    """Batches of one node queued behind its own connections learn nothing
+    from a slot transaction that must fail: they wait for a local release."""
+    store = Storage.open("embedded", data_dir=tmp_path / "store")
+    q = Queue(store.db)
+    rule = ThrottleRule("*.test", "domain", max_connections=1)
+    async with sink_server(ca) as (box, port):
+        box.data_delay = 0.1
+        w = worker(store, q, port, throttles=(rule,), poll_interval=0.1, batch=1, max_inflight=6)
+        answers: list[int | None] = []
+        original = q.acquire_slot
+
+        async def acquire_slot(*args: Any, **kwargs: Any) -> int | None:
+            got = await original(*args, **kwargs)
+            answers.append(got)
+            return got
+
+        q.acquire_slot = acquire_slot  # type: ignore[method-assign]
+        try:
+            for i in range(6):
+                await q.enqueue("alice@example.org", [f"x@d{i}.test"], body(mid=f"s{i}"))
+            await w.start()
+            await wait_for(lambda: len(box.messages) >= 6, timeout=20)
+            await wait_for(_empty(q))
+            assert box.max_active == 1  # the limit held
+            assert len(answers) == 6 and None not in answers  # one transaction per slot taken, none refused
+            assert not await store.db.read(lambda tr: tr.get_range(*keys.queue_slots(rule.name)))
+        finally:
+            w.stop_accepting()
+            await w.drain(1.0)
+            await store.close()
+
+
 async def test_hourly_throttle_defers_without_an_attempt(env: SimpleNamespace, sink: tuple[Sink, int]) -> None:
     box, port = sink
     rule = ThrottleRule("remote.test", "domain", max_per_hour=1)
