@@ -1140,12 +1140,13 @@ class OutboundWorker:
                     if why is None:
                         # Finished rather than deleted: a recipient appended
                         # meanwhile (Queue.add_recipients) stays queued.
+                        now = self.clock()
                         for r in msg.open_recipients:
-                            r.status, r.reply, r.remote, r.updated = DELIVERED, f"relayed to {host}", host, time.time()
-                    if why is None and await self.queue.finish(msg, self.owner):
-                        report.relayed += 1
-                        log.info("relayed", extra={"queue_id": msg.qid, "host": host})
-                        continue
+                            r.status, r.reply, r.remote, r.updated = DELIVERED, f"relayed to {host}", host, now
+                        if await self.queue.finish(msg, self.owner):
+                            report.relayed += 1
+                            log.info("relayed", extra={"queue_id": msg.qid, "host": host})
+                            continue
                     report.left[msg.qid] = why or "lease lost"
                     # Back where it was: due when it was due before.
                     await self.queue.release(qid, self.owner, self.clock(), msg.next_attempt)
