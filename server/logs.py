@@ -7,11 +7,11 @@ its connection peer.
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
-import logging.handlers
-import queue
 import sys
+import threading
 import time
 
 _RESERVED = set(vars(logging.makeLogRecord({})))
@@ -64,37 +64,97 @@ class PeerFromArgs(logging.Filter):
         return True
 
 
-class _Handoff(logging.handlers.QueueHandler):
+class _Handoff(logging.Handler):
     """Hands records to a writer thread, so that nothing on the event loop
     waits on stderr (DESIGN.md principle 6: a pipe to a slow log collector
     blocks its writer when full). The message is merged with its arguments
     here, as they may change later; the formatting and the write happen in
-    the writer thread."""
+    the writer thread, which wakes every :data:`FLUSH_INTERVAL` seconds (at
+    once for a warning or worse) and writes every record gathered meanwhile:
+    a wake-up per record cost a thread switch per delivered message. Past
+    :data:`MAX_PENDING` waiting records (stderr stuck for a long time) new
+    ones are dropped and counted, and the count is logged once it drains."""
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        record.msg = record.getMessage()
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__()
+        self.target = target
+        self._records: collections.deque[logging.LogRecord] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="rookery-log-writer", daemon=True)
+        self._thread.start()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # No handler lock: deque.append is atomic, and emit keeps no state.
+        if not self.filter(record):
+            return False
+        self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self._records) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        try:
+            record.msg = record.getMessage()
+        except Exception:  # a bad format string must not cost the caller its work
+            record.msg = f"{record.msg!r} {record.args!r}"
         record.args = None
-        return record
+        self._records.append(record)
+        if record.levelno >= logging.WARNING:
+            self._wake.set()
+
+    def _run(self) -> None:
+        records = self._records
+        while True:
+            self._wake.wait(FLUSH_INTERVAL)
+            self._wake.clear()
+            stopping = self._stopping
+            while records:
+                self._write(records.popleft())
+            if self.dropped:
+                lost, self.dropped = self.dropped, 0
+                self._write(logging.makeLogRecord({
+                    "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
+                    "msg": f"{lost} log lines dropped: the log output was stuck",
+                }))
+            if stopping:
+                return
+
+    def _write(self, record: logging.LogRecord) -> None:
+        try:
+            self.target.handle(record)
+        except Exception:  # the writer outlives any one record
+            pass
+
+    def stop(self) -> None:
+        """Write out every record so far, then end the thread."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
 
 
-_listener: logging.handlers.QueueListener | None = None
+#: How long a record may wait for the writer thread, in seconds.
+FLUSH_INTERVAL = 0.05
+#: Records waiting for the writer thread past which new ones are dropped.
+MAX_PENDING = 100_000
+
+_handoff: _Handoff | None = None
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
-    global _listener
+    global _handoff
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    handoff = _Handoff(records)
-    handoff.addFilter(PeerFromArgs())
-    if _listener is not None:
-        _listener.stop()
-    _listener = logging.handlers.QueueListener(records, handler)
-    _listener.start()
+    if _handoff is not None:
+        _handoff.stop()
+    _handoff = _Handoff(handler)
+    _handoff.addFilter(PeerFromArgs())
     atexit.unregister(flush)
     atexit.register(flush)
     root = logging.getLogger()
-    root.handlers[:] = [handoff]
+    root.handlers[:] = [_handoff]
     root.setLevel(level.upper())
     # aiosmtpd logs every command line at INFO; ours already name the peer.
     logging.getLogger("mail.log").setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)
@@ -105,7 +165,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
 
 def flush() -> None:
     """Write out every line logged so far and stop the writer thread (at exit)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+    global _handoff
+    if _handoff is not None:
+        _handoff.stop()
+        _handoff = None

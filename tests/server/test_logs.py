@@ -75,3 +75,49 @@ def test_lines_are_written_off_the_caller_and_flushed_at_exit(monkeypatch) -> No
         root.handlers[:], level, mail_level = saved
         root.setLevel(level)
         logging.getLogger("mail.log").setLevel(mail_level)
+
+
+def test_lines_past_the_pending_limit_are_dropped_and_counted(monkeypatch) -> None:  # noqa: ANN001 - pytest fixture
+    import io
+    import sys
+    import threading
+
+    from server import logs
+
+    class Stalled(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = threading.Event()
+
+        def write(self, text: str) -> int:
+            assert self.release.wait(10)
+            return super().write(text)
+
+    stream = Stalled()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(logs, "MAX_PENDING", 3)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("mail.log").level
+    for name in ("_srcfile", "logProcesses", "logThreads", "logMultiprocessing"):
+        monkeypatch.setattr(logging, name, getattr(logging, name))
+    try:
+        logs.setup("info", "text")
+        # The writer takes the first line and sticks on it; three more wait.
+        logging.getLogger("storage.kv").warning("line 0")
+        for _ in range(100):
+            if not logs._handoff._records:  # type: ignore[union-attr]
+                break
+            threading.Event().wait(0.01)
+        for i in range(1, 7):
+            logging.getLogger("storage.kv").info("line %d", i)
+        stream.release.set()
+        logs.flush()
+        out = stream.getvalue()
+        assert [f"line {i}" in out for i in range(7)] == [True, True, True, True, False, False, False]
+        assert "3 log lines dropped" in out
+    finally:
+        stream.release.set()
+        logs.flush()
+        root.handlers[:], level, mail_level = saved
+        root.setLevel(level)
+        logging.getLogger("mail.log").setLevel(mail_level)
