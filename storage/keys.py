@@ -47,6 +47,7 @@ Subspaces (``acct`` is an account id, an int; ``mbox`` a mailbox id, an int):
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import fdb.tuple as fdbtuple
@@ -123,6 +124,11 @@ def prefix_range(prefix: tuple[object, ...]) -> tuple[bytes, bytes]:
     return range_of(pack(prefix))
 
 
+#: Keys every delivery and flag change packs again (an account's counters,
+#: its mailbox records) are kept packed: a cache hit costs a tenth of a pack.
+_hot = functools.lru_cache(maxsize=32768)
+
+
 # -- directory -------------------------------------------------------------
 
 def domain(name: str) -> bytes:
@@ -132,6 +138,7 @@ def domain(name: str) -> bytes:
 DOMAINS = prefix_range(("d", "dom"))
 
 
+@_hot
 def account(acct: int) -> bytes:
     return pack(("d", "acct", acct))
 
@@ -197,6 +204,7 @@ def blob_orphans_before(when: int) -> tuple[bytes, bytes]:
 
 # -- mail ------------------------------------------------------------------
 
+@_hot
 def mailbox(acct: int, mbox: int) -> bytes:
     return pack(("m", acct, "box", mbox))
 
@@ -205,6 +213,7 @@ def mailboxes(acct: int) -> tuple[bytes, bytes]:
     return prefix_range(("m", acct, "box"))
 
 
+@_hot
 def mailbox_name(acct: int, name: str) -> bytes:
     return pack(("m", acct, "boxname", name))
 
@@ -225,6 +234,7 @@ def subscriptions_migrated(acct: int) -> bytes:
     return pack(("m", acct, "subv"))
 
 
+@_hot
 def account_seq(acct: int, name: str) -> bytes:
     return pack(("m", acct, "seq", name))
 
@@ -263,6 +273,7 @@ def mailbox_all(acct: int, mbox: int) -> list[tuple[bytes, bytes]]:
     return [prefix_range(("m", acct, sub, mbox)) for sub in ("msg", "mod", "gone", "cnt")]
 
 
+@_hot
 def mailbox_counter(acct: int, mbox: int, name: str) -> bytes:
     return pack(("m", acct, "cnt", mbox, name))
 
@@ -300,10 +311,12 @@ def thread_ref(acct: int, ref_hash: bytes) -> bytes:
     return pack(("m", acct, "ref", ref_hash))
 
 
+@_hot
 def quota_used(acct: int) -> bytes:
     return pack(("m", acct, "quota"))
 
 
+@_hot
 def message_count(acct: int) -> bytes:
     return pack(("m", acct, "count"))
 
@@ -314,6 +327,7 @@ def account_data(acct: int) -> tuple[bytes, bytes]:
 
 # -- change log ------------------------------------------------------------
 
+@_hot
 def change_counter(acct: int) -> bytes:
     return pack(("c", acct))
 
