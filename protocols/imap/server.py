@@ -77,6 +77,11 @@ class ImapConnection:
         buffered = self.writer.transport.get_write_buffer_size()
         if buffered > self.peak_buffered:
             self.peak_buffered = buffered
+        if buffered <= self.writer.transport.get_write_buffer_limits()[0]:
+            # At or below the low-water mark writing is not paused, so drain()
+            # does not wait: no timer to set and cancel at every response.
+            await self.writer.drain()
+            return
         try:
             async with asyncio.timeout(self.listener.settings.write_timeout):
                 await self.writer.drain()
@@ -88,9 +93,12 @@ class ImapConnection:
             raise ConnectionResetError("client stopped reading") from None
 
     async def read_line(self, timeout: float) -> bytes | None:
+        # asyncio.timeout, not wait_for: wait_for runs the read in a task of
+        # its own, made and scheduled for every line a client sends.
         try:
-            return await asyncio.wait_for(self._read_line(), timeout)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            async with asyncio.timeout(timeout):
+                return await self._read_line()
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             return None
 
     async def _read_line(self) -> bytes:
@@ -138,7 +146,8 @@ class ImapConnection:
             left = lit.size
             try:
                 while left:
-                    chunk = await asyncio.wait_for(self.reader.read(min(left, 65536)), timeout)
+                    async with asyncio.timeout(timeout):
+                        chunk = await self.reader.read(min(left, 65536))
                     if not chunk:
                         return False
                     left -= len(chunk)
@@ -186,8 +195,9 @@ class ImapConnection:
             if not lit.nonsync:
                 await self.write(r.continuation("Ready for literal data"))
             try:
-                data = await asyncio.wait_for(self.reader.readexactly(lit.size), session.timeout)
-            except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+                async with asyncio.timeout(session.timeout):
+                    data = await self.reader.readexactly(lit.size)
+            except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
                 return None
             parts.append(data)
             try:
