@@ -91,7 +91,9 @@ MAX_SUBJECT_CHARS = 4096
 PREVIEW_CHARS = 256
 #: Raw body bytes read to build a preview (plain text, HTML).
 _PREVIEW_SCAN = 4096
-_PREVIEW_FIRST_LOOK = 1024
+#: A first look of this many bytes nearly always gives PREVIEW_CHARS characters
+#: once whitespace is collapsed (splitting the text into words is the cost).
+_PREVIEW_FIRST_LOOK = 384
 _PREVIEW_SCAN_HTML = 32 * 1024
 #: Version tag of the :func:`encode` format.
 FORMAT_VERSION = 1
@@ -763,10 +765,24 @@ def base_subject(subject: str) -> str:
         return s
 
 
+#: The Date form nearly every sender writes (RFC 5322 §3.3), read without
+#: the e-mail package's general parser (a few µs per message at ingest).
+_PLAIN_DATE = re.compile(
+    r"\s*(?:[A-Za-z]{3},\s*)?(\d{1,2})\s+([A-Za-z]{3})\s+(\d{4})\s+(\d{2}):(\d{2})(?::(\d{2}))?\s+([+-])(\d{2})(\d{2})\s*\Z",
+    re.ASCII,
+)
+_MONTHS = {m: i for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
+
+
 def _sent_date(value: str | None) -> float | None:
     """Date header as a timestamp (RFC 5322 §3.3); a missing zone is taken as UTC."""
     if not value:
         return None
+    m = _PLAIN_DATE.match(value)
+    if m is not None and (month := _MONTHS.get(m.group(2).lower())) is not None:
+        day, _, year, hour, minute, second, sign, zh, zm = m.groups()
+        offset = (int(zh) * 3600 + int(zm) * 60) * (-1 if sign == "-" else 1)
+        return float(calendar.timegm((int(year), month, int(day), int(hour), int(minute), int(second or 0), 0, 0, 0)) - offset)
     try:
         t = email.utils.parsedate_tz(value[:256])
         if t is None:

@@ -864,3 +864,29 @@ def test_decoder_gives_up_on_many_equals_signs() -> None:
     data = b"QQ=" * 200
     with pytest.raises(mime.TooIrregular):
         mime.Decoder("base64").feed(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(["", "Thu, ", "mon,", "Fri,  "]),
+    st.integers(0, 39),
+    st.sampled_from(["Jan", "feb", "MAR", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec", "Foo"]),
+    st.integers(1000, 9999),
+    st.integers(0, 99),
+    st.integers(0, 99),
+    st.one_of(st.none(), st.integers(0, 99)),
+    st.sampled_from(["+", "-"]),
+    st.integers(0, 9999),
+    st.sampled_from(["", " ", "\t", " (UTC)"]),
+)
+def test_plain_dates_read_as_the_email_package_reads_them(
+    dow: str, day: int, mon: str, year: int, hour: int, minute: int, second: int | None, sign: str, zone: int, tail: str
+) -> None:
+    import calendar
+    import email.utils
+
+    clock = f"{hour:02d}:{minute:02d}" + (f":{second:02d}" if second is not None else "")
+    value = f"{dow}{day} {mon} {year} {clock} {sign}{zone:04d}{tail}"
+    t = email.utils.parsedate_tz(value)
+    expected = None if t is None else float(calendar.timegm((t[0], t[1], t[2], t[3], t[4], t[5], 0, 0, 0)) - (t[9] or 0))
+    assert mime._sent_date(value) == expected
