@@ -1530,7 +1530,11 @@ def encode(msg: Message) -> bytes:
     ``decode(encode(m)) == m`` for every message :func:`parse` returns. The
     output is usually a few hundred bytes; storage chunks values over 100 kB.
     """
-    return json.dumps([FORMAT_VERSION, _enc_msg(msg)], separators=(",", ":"), allow_nan=False).encode("ascii")
+    return _ENCODER.encode([FORMAT_VERSION, _enc_msg(msg)]).encode("ascii")
+
+
+#: Made once: ``json.dumps`` with options builds a new encoder at every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def decode(data: bytes) -> Message:
