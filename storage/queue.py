@@ -465,29 +465,6 @@ def _release(tr: Transaction, msg: QueuedMessage, lease: Lease, next_time: float
     tr.set(keys.queue_due(ms(next_time), qid), b"")
 
 
-def complete(tr: Transaction, qid: int, owner: str) -> bool:
-    """Every recipient is done: delete the message (compare-owner)."""
-    try:
-        msg, lease = _check_owner(tr, qid, owner, recipients=False)
-    except LeaseLost:
-        return False
-    _remove(tr, msg, lease)
-    return True
-
-
-def bounce(tr: Transaction, qid: int, owner: str, dsn: QueuedMessage | None = None) -> bool:
-    """Give up on every open recipient: queue the DSN (its body blob already
-    stored) and delete the message, in one transaction (compare-owner)."""
-    try:
-        msg, lease = _check_owner(tr, qid, owner, recipients=False)
-    except LeaseLost:
-        return False
-    if dsn is not None:
-        put_message(tr, dsn)
-    _remove(tr, msg, lease)
-    return True
-
-
 def finish(tr: Transaction, msg: QueuedMessage, owner: str, dsn: QueuedMessage | None = None) -> bool:
     """Store the outcome of a delivery round for a message held by ``owner``:
     its recipients, attempts and next attempt as set on ``msg``; queue
@@ -833,10 +810,6 @@ class Queue:
         self, owner: str, after: int | None, now: float, lease_seconds: float
     ) -> tuple[int | None, QueuedMessage | None]:
         return await self.db.transact(lambda tr: claim_next(tr, owner, after, now, lease_seconds))
-
-    async def complete(self, qid: int, owner: str) -> bool:
-        """Delete a message that is done (``owner`` must hold it)."""
-        return await self.db.transact(lambda tr: complete(tr, qid, owner))
 
     async def release(self, qid: int, owner: str, now: float, next_time: float | None = None) -> bool:
         return await self.db.transact(lambda tr: release(tr, qid, owner, now, next_time))

@@ -162,20 +162,24 @@ async def test_finish_queues_dsn_in_the_same_transaction(queue: Queue) -> None:
     assert left.dsn and left.sender == "" and left.recipients[0].local == 3
 
 
-async def test_complete_defer_bounce_helpers(storage: Storage, queue: Queue) -> None:
+async def test_defer_and_finish_compare_the_owner(storage: Storage, queue: Queue) -> None:
     from storage import queue as q
 
     a = await queue.enqueue("a@example.org", ["x@remote.test"], RAW, now=T0)
     b = await queue.enqueue("a@example.org", ["y@remote.test"], RAW, now=T0)
-    await queue.claim("A", T0, 10, 60)
+    held = {m.id: m for m in await queue.claim("A", T0, 10, 60)}
     assert await storage.db.transact(lambda tr: q.defer(tr, a.id, "A", T0 + 500))
     assert (await queue.show(a.id)).next_attempt == T0 + 500
-    assert not await storage.db.transact(lambda tr: q.complete(tr, b.id, "B"))
-    assert await storage.db.transact(lambda tr: q.bounce(tr, b.id, "A"))
+    mb = held[b.id]
+    mb.recipients[0].status = FAILED
+    assert not await queue.finish(mb, "B")  # not B's to finish
+    assert (await queue.show(b.id)).recipients[0].status == PENDING
+    assert await queue.finish(mb, "A")  # given up on, no DSN: gone
     [left] = await queue.list_messages()
     assert left.id == a.id
     [m] = await queue.claim("A", T0 + 500, 10, 60)
-    assert await storage.db.transact(lambda tr: q.complete(tr, m.id, "A"))
+    m.recipients[0].status = DELIVERED
+    assert await queue.finish(m, "A")
     assert await queue.list_messages() == []
 
 
@@ -299,7 +303,6 @@ async def test_read_bodies_reads_small_messages_at_once_within_a_budget(queue: Q
 
 
 async def test_queue_size_counter_and_throttle_usage_stats(storage: Storage, queue: Queue) -> None:
-    from storage import queue as q
 
     a = await queue.enqueue("a@example.org", ["x@remote.test"], RAW, now=T0)
     b = await queue.enqueue("a@example.org", ["y@remote.test"], RAW, now=T0)
@@ -309,8 +312,9 @@ async def test_queue_size_counter_and_throttle_usage_stats(storage: Storage, que
     dsn = await queue.prepare_dsn(b"Subject: bounce\r\n\r\nx\r\n", "a@example.org", 3, T0)
     assert await queue.finish(m, "A", dsn)  # one removed, its DSN added
     assert (await queue.stats(now=T0)).messages == 2
-    other = b.id if m.id == a.id else a.id
-    assert await storage.db.transact(lambda tr: q.complete(tr, other, "A"))
+    [o] = [x for x in await queue.claim("A", T0 + 120, 10, 60) if x.id == (b.id if m.id == a.id else a.id)]
+    o.recipients[0].status = DELIVERED
+    assert await queue.finish(o, "A")
     await queue.delete(dsn.id)
     assert (await queue.stats(now=T0)).messages == 0
 
