@@ -303,7 +303,6 @@ async def test_read_bodies_reads_small_messages_at_once_within_a_budget(queue: Q
 
 
 async def test_queue_size_counter_and_throttle_usage_stats(storage: Storage, queue: Queue) -> None:
-
     a = await queue.enqueue("a@example.org", ["x@remote.test"], RAW, now=T0)
     b = await queue.enqueue("a@example.org", ["y@remote.test"], RAW, now=T0)
     assert (await queue.stats(now=T0)).messages == 2
