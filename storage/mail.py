@@ -370,6 +370,7 @@ class Delivery:
     uid: int
     email_id: int
     change_id: int
+    thread_id: int = 0
 
 
 # -- small helpers -----------------------------------------------------------
@@ -914,7 +915,8 @@ def _store_email(
     received: int,
     parsed: mime.Message,
     structure: bytes,
-) -> int:
+) -> tuple[int, int]:
+    """Store an email's record and structure; returns (email id, thread id)."""
     email_id = _next_seq(tr, acct, "email")
     thread_id = _thread_for(tr, acct, parsed, email_id)
     for ref in ([parsed.message_id] if parsed.message_id else []) + list(parsed.references):
@@ -935,7 +937,7 @@ def _store_email(
     blobs.link(tr, digest, acct, email_id)
     tr.add(keys.quota_used(acct), size)
     tr.add(keys.message_count(acct), 1)
-    return email_id
+    return email_id, thread_id
 
 
 def get_email(tr: ReadTransaction, acct: int, email_id: int, with_structure: bool = True) -> Email | None:
@@ -1074,15 +1076,15 @@ class MailStore:
             for acct in dict.fromkeys(accounts(tr) if callable(accounts) else accounts):
                 check_quota(tr, acct, len(raw), temporary=True)
                 box = find_mailbox(tr, acct, "INBOX")
-                email_id = _store_email(tr, acct, prep.digest, len(raw), when, prep.parsed, prep.structure)
+                email_id, thread_id = _store_email(tr, acct, prep.digest, len(raw), when, prep.parsed, prep.structure)
                 change_id = record_change(tr, acct, ["Email", "Thread", "Mailbox"], [box.id])
                 msg = _insert(tr, acct, box, email_id, (), when, len(raw), change_id)
-                out.append(Delivery(acct, box.id, msg.uid, email_id, change_id))
+                out.append(Delivery(acct, box.id, msg.uid, email_id, change_id, thread_id))
             return out
 
         deliveries: list[Delivery] = await self._transact_with_blob(prep, fn)  # type: ignore[assignment]
         for d in deliveries:
-            self._remember(d.account, Email(d.email_id, prep.digest, len(raw), when, 0, prep.structure))
+            self._remember(d.account, Email(d.email_id, prep.digest, len(raw), when, d.thread_id, prep.structure))
             self.changed(d.account, d.change_id, ("Email", "Thread", "Mailbox"))
         return deliveries
 
@@ -1110,19 +1112,20 @@ class MailStore:
         checked = [validate_flags(f) for _, f, _ in items]
         now = int(time.time())
 
-        def fn(tr: Transaction) -> tuple[int, int, list[int]]:
+        def fn(tr: Transaction) -> tuple[int, int, list[int], list[Email]]:
             box = get_mailbox(tr, acct, mailbox) if isinstance(mailbox, int) else find_mailbox(tr, acct, mailbox)
             if box is None:
                 raise MailboxNotFound("mailbox does not exist")
             check_quota(tr, acct, sum(len(p.raw) for p in preps), temporary=False)
             change_id = record_change(tr, acct, ["Email", "Thread", "Mailbox"], [box.id])
-            uids = []
+            uids, emails = [], []
             for prep, flags, (_, _, date) in zip(preps, checked, items):
                 self._put_blob(tr, prep)
                 when, zone = _when(now, date)
-                email_id = _store_email(tr, acct, prep.digest, len(prep.raw), when, prep.parsed, prep.structure)
+                email_id, thread_id = _store_email(tr, acct, prep.digest, len(prep.raw), when, prep.parsed, prep.structure)
                 uids.append(_insert(tr, acct, box, email_id, flags, when, len(prep.raw), change_id, zone).uid)
-            return box.uidvalidity, change_id, uids
+                emails.append(Email(email_id, prep.digest, len(prep.raw), when, thread_id, prep.structure))
+            return box.uidvalidity, change_id, uids, emails
 
         result = None
         for _ in range(3):
@@ -1135,7 +1138,11 @@ class MailStore:
                         await blobs.put_large(self.db, prep.digest, prep.raw)
         if result is None:
             result = await self.db.transact(fn)
-        uidvalidity, change_id, uids = result
+        uidvalidity, change_id, uids, emails = result
+        # Kept like a delivery's: a client that appends (a sent copy, a
+        # draft) often fetches it next.
+        for email in emails:
+            self._remember(acct, email)
         self.changed(acct, change_id, ("Email", "Thread", "Mailbox"))
         return uidvalidity, uids
 

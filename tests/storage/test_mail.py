@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import make_account
 
-from storage import Storage, blobs, keys, mail, mime
+from storage import MailStore, Storage, blobs, keys, mail, mime
 from storage.errors import AlreadyExists, Forbidden, HasChildren, InvalidInput, MailboxNotFound, QuotaExceeded
 
 RAW = b"From: a@b.test\r\nSubject: hi\r\nMessage-ID: <root@b.test>\r\n\r\nhello\r\n"
@@ -129,6 +129,25 @@ async def test_a_message_joins_the_thread_of_a_reply_delivered_before_it(store: 
     msgs = await store.mail.list_messages(acct, "INBOX")
     threads = [e.thread_id for _, e in msgs if e is not None]
     assert len(threads) == 2 and threads[0] == threads[1]
+
+
+async def test_the_node_cache_holds_each_email_as_the_store_does(store: Storage) -> None:
+    """Delivered and appended emails are cached at once, with their thread,
+    exactly as a node that has to read them from the store sees them."""
+    acct = await make_account(store)
+    [d] = await store.mail.deliver([acct], RAW)
+    await store.mail.append(acct, "INBOX", REPLY)
+    ids = [e.id for _, e in await store.mail.list_messages(acct, "INBOX") if e is not None]
+    cached = await store.mail.emails(acct, ids)
+    cold = await MailStore(store.db).emails(acct, ids)  # another node: nothing cached
+    assert d.thread_id == d.email_id
+    for i in ids:
+        mine, theirs = cached[i], cold[i]
+        assert (mine.digest, mine.size, mine.received, mine.thread_id, mine.encoded) == (
+            theirs.digest, theirs.size, theirs.received, theirs.thread_id, theirs.encoded
+        )
+    assert cached[ids[0]].thread_id == cached[ids[1]].thread_id
+    assert set(ids) <= {key[1] for key in store.mail._emails}
 
 
 async def test_the_same_bytes_delivered_again_share_one_blob(store: Storage) -> None:
