@@ -1408,9 +1408,11 @@ class MailStore:
 def remove_account_data(tr: Transaction, acct: int) -> None:
     """Drop every mailbox, message and email of an account (account removal).
 
-    Blob references go too, and orphaned blobs are marked for the purger. A
-    very large account is removed in one transaction here; see the note in
-    the foundation issue about batching this.
+    Blob references go too, and orphaned blobs are marked for the purger.
+    :meth:`Storage.remove_account` first empties every mailbox, CHUNK
+    messages per transaction, so the emails read here are only those left in
+    no mailbox; the rest are range clears (one mutation each on FoundationDB,
+    whatever they cover).
     """
     for key, raw in tr.get_range(*keys.prefix_range(("m", acct, "email"))):
         k = keys.unpack(key)
