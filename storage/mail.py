@@ -915,8 +915,8 @@ def _store_email(
     received: int,
     parsed: mime.Message,
     structure: bytes,
-) -> tuple[int, int]:
-    """Store an email's record and structure; returns (email id, thread id)."""
+) -> Email:
+    """Store an email's record and structure; returns it as :func:`get_email` reads it."""
     email_id = _next_seq(tr, acct, "email")
     thread_id = _thread_for(tr, acct, parsed, email_id)
     for ref in ([parsed.message_id] if parsed.message_id else []) + list(parsed.references):
@@ -937,7 +937,7 @@ def _store_email(
     blobs.link(tr, digest, acct, email_id)
     tr.add(keys.quota_used(acct), size)
     tr.add(keys.message_count(acct), 1)
-    return email_id, thread_id
+    return Email(email_id, digest, size, received, thread_id, structure)
 
 
 def get_email(tr: ReadTransaction, acct: int, email_id: int, with_structure: bool = True) -> Email | None:
@@ -1070,23 +1070,23 @@ class MailStore:
         prep = await self._prepare(raw)
         when = int(time.time()) if internal_date is None else internal_date
 
-        def fn(tr: Transaction) -> list[Delivery]:
+        def fn(tr: Transaction) -> list[tuple[Delivery, Email]]:
             self._put_blob(tr, prep)
             out = []
             for acct in dict.fromkeys(accounts(tr) if callable(accounts) else accounts):
                 check_quota(tr, acct, len(raw), temporary=True)
                 box = find_mailbox(tr, acct, "INBOX")
-                email_id, thread_id = _store_email(tr, acct, prep.digest, len(raw), when, prep.parsed, prep.structure)
+                email = _store_email(tr, acct, prep.digest, len(raw), when, prep.parsed, prep.structure)
                 change_id = record_change(tr, acct, ["Email", "Thread", "Mailbox"], [box.id])
-                msg = _insert(tr, acct, box, email_id, (), when, len(raw), change_id)
-                out.append(Delivery(acct, box.id, msg.uid, email_id, change_id, thread_id))
+                msg = _insert(tr, acct, box, email.id, (), when, len(raw), change_id)
+                out.append((Delivery(acct, box.id, msg.uid, email.id, change_id, email.thread_id), email))
             return out
 
-        deliveries: list[Delivery] = await self._transact_with_blob(prep, fn)  # type: ignore[assignment]
-        for d in deliveries:
-            self._remember(d.account, Email(d.email_id, prep.digest, len(raw), when, d.thread_id, prep.structure))
+        stored: list[tuple[Delivery, Email]] = await self._transact_with_blob(prep, fn)  # type: ignore[assignment]
+        for d, email in stored:
+            self._remember(d.account, email)
             self.changed(d.account, d.change_id, ("Email", "Thread", "Mailbox"))
-        return deliveries
+        return [d for d, _ in stored]
 
     async def append(
         self,
@@ -1122,9 +1122,9 @@ class MailStore:
             for prep, flags, (_, _, date) in zip(preps, checked, items):
                 self._put_blob(tr, prep)
                 when, zone = _when(now, date)
-                email_id, thread_id = _store_email(tr, acct, prep.digest, len(prep.raw), when, prep.parsed, prep.structure)
-                uids.append(_insert(tr, acct, box, email_id, flags, when, len(prep.raw), change_id, zone).uid)
-                emails.append(Email(email_id, prep.digest, len(prep.raw), when, thread_id, prep.structure))
+                email = _store_email(tr, acct, prep.digest, len(prep.raw), when, prep.parsed, prep.structure)
+                uids.append(_insert(tr, acct, box, email.id, flags, when, len(prep.raw), change_id, zone).uid)
+                emails.append(email)
             return box.uidvalidity, change_id, uids, emails
 
         result = None

@@ -1524,6 +1524,10 @@ def _dec_msg(data: list[Any]) -> Message:
     )
 
 
+#: Made once: ``json.dumps`` with options builds a new encoder at every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode(msg: Message) -> bytes:
     """Serialize a :class:`Message` for storage (ASCII JSON, compact).
 
@@ -1531,10 +1535,6 @@ def encode(msg: Message) -> bytes:
     output is usually a few hundred bytes; storage chunks values over 100 kB.
     """
     return _ENCODER.encode([FORMAT_VERSION, _enc_msg(msg)]).encode("ascii")
-
-
-#: Made once: ``json.dumps`` with options builds a new encoder at every call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def decode(data: bytes) -> Message:
