@@ -313,6 +313,30 @@ AGE_CHECK_EVERY = 64
 LAYER_FLUSH_BYTES = 8 * 1024 * 1024
 
 
+class _Version:
+    """A batch's commit version, taken from ``meta`` when one of its bodies
+    first writes a versionstamped key: most batches write none, and taking
+    it anyway would cost every commit a statement and a page."""
+
+    __slots__ = ("_conn", "_value")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._value = 0
+
+    def get(self) -> int:
+        if not self._value:
+            self._value = self._conn.execute(
+                "UPDATE meta SET value = value + 1 WHERE name = 'commit_version' RETURNING value"
+            ).fetchone()[0]
+        return self._value
+
+    def forget(self) -> None:
+        """A rollback to a savepoint may have undone the UPDATE: take a new
+        one if needed (the batch may then use two versions, both new)."""
+        self._value = 0
+
+
 class _WriteTransaction(_Reads):
     """One body of a group commit. Its writes stay in Python (``_body``) until
     the body succeeds; they then join the batch's pending writes (``_batch``),
@@ -321,10 +345,13 @@ class _WriteTransaction(_Reads):
     a range cleared in the batch puts the pending writes into SQLite first
     (the body's under a savepoint, so a failing body can still be undone)."""
 
-    def __init__(self, conn: sqlite3.Connection, started: float, stamp: bytes, batch: _Layer, cache: _ReadCache) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, started: float, version: _Version, order: int, batch: _Layer, cache: _ReadCache,
+    ) -> None:
         super().__init__(conn, started)
         self._written = 0
-        self._stamp = stamp
+        self._version = version
+        self._order = order
         self._batch = batch
         self._cache = cache
         self._body = _Layer()
@@ -374,6 +401,7 @@ class _WriteTransaction(_Reads):
         if self.savepoint:
             self._conn.execute("ROLLBACK TO body")
             self._conn.execute("RELEASE body")
+            self._version.forget()
             self._cache.clear()  # it saw the body's flushed writes
 
     def get(self, key: bytes) -> bytes | None:
@@ -449,7 +477,8 @@ class _WriteTransaction(_Reads):
         body = key[:-4]
         if offset + VERSIONSTAMP_SIZE > len(body):
             raise ValueError("versionstamp offset out of range")
-        self.set(body[:offset] + self._stamp + body[offset + VERSIONSTAMP_SIZE :], value)
+        stamp = struct.pack(">QH", self._version.get(), self._order)
+        self.set(body[:offset] + stamp + body[offset + VERSIONSTAMP_SIZE :], value)
 
 
 @dataclass(slots=True)
@@ -768,12 +797,9 @@ class EmbeddedDatabase:
             if data_version != cache.data_version:
                 cache.clear()  # another connection committed since our last batch
                 cache.data_version = data_version
-            version = conn.execute(
-                "UPDATE meta SET value = value + 1 WHERE name = 'commit_version' RETURNING value"
-            ).fetchone()[0]
+            version = _Version(conn)
             for order, job in enumerate(batch):
-                stamp = struct.pack(">QH", version, order)
-                tr = _WriteTransaction(conn, time.monotonic(), stamp, pending, cache)
+                tr = _WriteTransaction(conn, time.monotonic(), version, order, pending, cache)
                 try:
                     job.result = job.fn(tr)
                     # A body past 5 s fails at commit on FoundationDB even if its last call was earlier.

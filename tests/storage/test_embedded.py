@@ -334,3 +334,35 @@ async def test_commit_versions_go_on_from_a_stray_version_row(tmp_path: Path) ->
         assert await db.read(lambda tr: tr.get(embedded._STRAY_VERSION_KEY)) is None
     finally:
         await db.close()
+
+
+async def test_versionstamps_stay_unique_when_a_body_that_took_one_is_undone(db: EmbeddedDatabase) -> None:
+    """A batch takes its commit version when a body first needs one; a body
+    undone after its writes reached SQLite (a savepoint) may take the version's
+    increment with it, and the bodies after it must not reuse that version."""
+    from storage.keys import versionstamp_key
+
+    stamps = ("t", "vs")
+    await db.transact(lambda tr: [tr.set(pack(ITEMS + (i,)), b"old") for i in range(3)])
+
+    def undone(tr: Transaction) -> None:
+        tr.clear_range(*prefix_range(ITEMS))
+        tr.get_range(*prefix_range(ITEMS))  # a range read over a cleared range: into SQLite, under a savepoint
+        tr.set_versionstamped_key(versionstamp_key(stamps), b"undone")
+        raise Boom()
+
+    def stamped(n: int):  # type: ignore[no-untyped-def]
+        return lambda tr: tr.set_versionstamped_key(versionstamp_key(stamps), b"%d" % n)
+
+    n = 0
+    for _ in range(8):
+        # The undone body first, so that it is the one taking the version
+        # when both share a batch; then a batch of its own (order 0).
+        results = await asyncio.gather(db.transact(undone), db.transact(stamped(n)), return_exceptions=True)
+        assert isinstance(results[0], Boom) and results[1] is None
+        await db.transact(stamped(n + 1))
+        n += 2
+    rows = await db.read(lambda tr: tr.get_range(*prefix_range(stamps)))
+    # Unique, and ordered as they were committed (keys sort by stamp).
+    assert [int(v) for _, v in rows] == list(range(n))
+    assert await db.read(lambda tr: len(tr.get_range(*prefix_range(ITEMS)))) == 3
