@@ -97,7 +97,11 @@ class NodeProcess:
         self.log = open(self.log_path, "w+b")
         full_env = dict(os.environ, **(env or {}))
         self.proc = subprocess.Popen(ROOKERY + args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log, env=full_env)
-        self.ports = self._wait_ready()
+        try:
+            self.ports = self._wait_ready()
+        except BaseException:
+            self.close()  # nobody else holds this object to close it
+            raise
 
     def _wait_ready(self, timeout: float = 30.0) -> dict[str, int]:
         deadline = time.monotonic() + timeout

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import random
 import re
 import smtplib
 import socket
@@ -50,14 +51,27 @@ T = TypeVar("T")
 # -- a cluster -------------------------------------------------------------------
 
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
+    """Ports for the cluster listeners, which every node must know before any
+    starts. Taken outside the kernel's ephemeral range: a port that a bind to
+    port 0 gave and that was let go again can be given to the next such bind,
+    and the nodes starting beside each other bind all their other listeners
+    that way (a node then fails to start: address already in use)."""
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except OSError:
+        low, high = 32768, 60999
+    candidates = range(high + 1, 65536) if high < 64511 else range(1024, low)
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use by something else
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def in_store(data: Path, fn: Callable[[Storage], Any]) -> Any:
