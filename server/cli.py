@@ -22,6 +22,7 @@ from storage import Storage
 from storage.errors import RookeryError
 
 from . import config as configmod
+from . import cpu
 from . import logs
 from .node import Node, open_storage
 
@@ -285,7 +286,16 @@ def _banner(args: argparse.Namespace, cfg: configmod.Config, listen: dict[str, s
 
 def cmd_serve(args: argparse.Namespace, cfg: configmod.Config) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
+    # Before any thread starts, so that every thread of the node is pinned.
+    allowed = cpu.allowed_cpus()
+    try:
+        pinned = cpu.pin(cfg.server.cpu)
+    except cpu.CpuSettingError as exc:
+        print(f"rookery: config: {exc}", file=sys.stderr)
+        return 2
     logs.setup(cfg.log.level, cfg.log.format)
+    if pinned is not None:
+        logging.getLogger("rookery.node").info("threads pinned to cpu %d of %d allowed", pinned, len(allowed))
     listen = {k: v for k, v in cfg.listen.items() if v}
     if not listen:
         print(
@@ -298,7 +308,7 @@ def cmd_serve(args: argparse.Namespace, cfg: configmod.Config) -> int:
         # Checked before anything starts (the node would refuse it too).
         print("rookery: config: [cluster] secret is required when [listen] cluster is set", file=sys.stderr)
         return 2
-    node = Node(cfg)
+    node = Node(cfg, hash_cpus=allowed if pinned is not None else None)
 
     def ready() -> None:
         # The addresses bound, so a port 0 in the config shows as the real one.

@@ -117,6 +117,9 @@ class Option:
 SCHEMA: tuple[Option, ...] = (
     Option("server", "hostname", _str, "", "Host name used in greetings and Received: (default: the machine's FQDN)."),
     Option("server", "data_dir", _str, "./data", "Directory for the embedded store, TLS material and state."),
+    Option("server", "cpu", _str, "auto",
+           "CPU the node's threads run on, so they hand the interpreter lock to each other without waking another "
+           "CPU: auto (one of those allowed, by process id), a CPU number, or off. Password hashing may use every CPU."),
     Option("server", "shutdown_timeout", _float, 10.0, "Seconds sessions get to finish on SIGTERM before they are closed."),
     Option("listen", "smtp", _str, "", "Inbound MX SMTP listener host:port (empty: off)."),
     Option("listen", "submission", _str, "", "Submission listener with STARTTLS (RFC 6409) host:port."),

@@ -29,6 +29,7 @@ from storage.queue import Queue
 
 from .cluster import ClusterService, LeaseWorker, PeerChannel
 from .config import Config
+from .cpu import unpinned_executor
 from .metrics import MetricSource, channel_samples, connection_samples, outbound_samples
 from .outbound import OutboundWorker, from_config, with_queue_purge
 from .tls import ensure_self_signed, server_context
@@ -238,8 +239,10 @@ class ImapService(ListenerService):
 class Node:
     """One Rookery process."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, hash_cpus: frozenset[int] | None = None) -> None:
         self.config = config
+        #: CPUs for password hashing when this process was pinned (server/cpu.py).
+        self.hash_cpus = hash_cpus
         self.stopping = asyncio.Event()
         self.state: ServerState | None = None
         self.services: list[Service] = []
@@ -280,6 +283,10 @@ class Node:
         async with contextlib.AsyncExitStack() as stack:
             storage = open_storage(self.config)
             stack.push_async_callback(storage.close)
+            if self.hash_cpus is not None:
+                hashing = unpinned_executor(self.hash_cpus, "rookery-hash")
+                stack.callback(hashing.shutdown, wait=False)
+                storage.directory.hash_executor = hashing
             tls = await loop.run_in_executor(None, make_tls, self.config)
             state = self.state = ServerState(self.config, storage, tls, self.config.hostname)
             state.hub.poll_interval = self.config.imap.poll_interval

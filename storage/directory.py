@@ -17,6 +17,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import argon2
@@ -166,6 +167,9 @@ class Directory:
         on_account_created: Callable[[Transaction, Account], None] | None = None,
     ) -> None:
         self.db = db
+        #: Threads for password hashing (None: the loop's default executor);
+        #: the node gives it threads free to use every CPU (server/cpu.py).
+        self.hash_executor: Executor | None = None
         self.failed_login_delay = failed_login_delay
         self.max_failed_logins = max_failed_logins
         #: Called inside the creating transaction (mail uses it to make the
@@ -224,7 +228,7 @@ class Directory:
         email = normalize_address(email)
         if not password:
             raise InvalidInput("password must not be empty")
-        password_hash = await asyncio.get_running_loop().run_in_executor(None, _hasher.hash, password)
+        password_hash = await asyncio.get_running_loop().run_in_executor(self.hash_executor, _hasher.hash, password)
         domain_name = email.rpartition("@")[2]
         created = time.time()
 
@@ -281,7 +285,7 @@ class Directory:
         if not password:
             raise InvalidInput("password must not be empty")
         account = await self.get(email)
-        password_hash = await asyncio.get_running_loop().run_in_executor(None, _hasher.hash, password)
+        password_hash = await asyncio.get_running_loop().run_in_executor(self.hash_executor, _hasher.hash, password)
 
         def fn(tr: Transaction) -> None:
             raw = tr.get(keys.account(account.id))
@@ -474,14 +478,14 @@ class Directory:
     async def _check(self, found: tuple[Account, str] | None, password: str) -> Account | None:
         if found is None:
             # Spend the time a real check takes, so timing tells nothing.
-            await asyncio.get_running_loop().run_in_executor(None, _verify, _DUMMY_HASH, password)
+            await asyncio.get_running_loop().run_in_executor(self.hash_executor, _verify, _DUMMY_HASH, password)
             return None
         account, password_hash = found
         fingerprint = self._fingerprint(password)
         cached = self._verified.get(account.id)
         if cached is not None and cached[0] == password_hash and hmac.compare_digest(cached[1], fingerprint):
             return account
-        ok = await asyncio.get_running_loop().run_in_executor(None, _verify, password_hash, password)
+        ok = await asyncio.get_running_loop().run_in_executor(self.hash_executor, _verify, password_hash, password)
         if not ok:
             return None
         self._verified[account.id] = (password_hash, fingerprint)
