@@ -236,11 +236,12 @@ async def _invalidate(s: Storage, cfg: configmod.Config, scope: str = "directory
 #: default: 5 ms). The store's threads make many short blocking calls (each
 #: SQLite statement lets go of the GIL and must take it back); behind a thread
 #: busy in Python (the protocol loop, a reader decoding a page of records)
-#: every take-back could wait the whole interval, and an IMAP write makes
-#: dozens of them. At 0.2 ms, 10 IMAP clients ran ~10% more commands per
-#: second with the p99 of writes 15-20 ms lower (paired runs of
-#: tests/bench/imap.py); SMTP and 50 IMAP clients were no different.
-SWITCH_INTERVAL = 0.0002
+#: every take-back could wait the whole interval. With the node's threads
+#: on one CPU (server/cpu.py), 1 ms did best in paired runs of the
+#: benchmarks: against 0.2 ms (the best before the threads were pinned),
+#: SMTP at 8 clients took 0-35% more messages/s and IMAP at 10 clients ran
+#: about as many commands; 5 ms lost 10-20% on both.
+SWITCH_INTERVAL = 0.001
 
 
 async def _serve(node: Node, on_ready: Callable[[], None] | None = None) -> None:
