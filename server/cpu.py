@@ -21,12 +21,8 @@ threads may use every CPU the node was allowed.
 
 from __future__ import annotations
 
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-
-log = logging.getLogger("rookery.node")
-
 
 class CpuSettingError(ValueError):
     """``[server] cpu`` names no CPU this process may use."""
@@ -65,11 +61,10 @@ def pin(setting: str) -> int | None:
     to the CPU ``setting`` picks (:func:`choose`). Returns that CPU, or None
     where nothing was pinned (``off``, one CPU, or no affinity on this
     platform). Call it before the node starts any thread."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
     cpu = choose(setting, allowed_cpus(), os.getpid())
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})  # 0: this thread (Linux)
+    if cpu is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    os.sched_setaffinity(0, {cpu})  # 0: this thread (Linux)
     return cpu
 
 
