@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+
 class CpuSettingError(ValueError):
     """``[server] cpu`` names no CPU this process may use."""
 
@@ -68,12 +69,8 @@ def pin(setting: str) -> int | None:
     return cpu
 
 
-def unpinned_executor(allowed: frozenset[int], name: str, workers: int | None = None) -> ThreadPoolExecutor:
+def unpinned_executor(allowed: frozenset[int], name: str) -> ThreadPoolExecutor:
     """A thread pool whose threads may run on every CPU of ``allowed`` (the
-    set from before :func:`pin`), for work outside the interpreter lock."""
-
-    def release() -> None:
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, allowed)
-
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=release)
+    set from before :func:`pin`, which succeeded), for work outside the
+    interpreter lock."""
+    return ThreadPoolExecutor(thread_name_prefix=name, initializer=os.sched_setaffinity, initargs=(0, allowed))

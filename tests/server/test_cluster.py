@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import random
 import re
+import signal
 import smtplib
 import socket
 import struct
