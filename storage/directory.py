@@ -10,6 +10,7 @@ applies the per-IP failure limit and the failure delay (STYLE.md, Radicale
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -90,7 +91,11 @@ class Account:
         return self.email.rpartition("@")[2]
 
 
+@functools.lru_cache(maxsize=4096)
 def _account_from(raw: bytes) -> tuple[Account, str]:
+    # Cached by the stored bytes (an Account is immutable): every delivery
+    # reads its recipients' records, and decoding the JSON each time cost
+    # more than the rest of the quota check.
     rec = json.loads(raw)
     return Account(rec["id"], rec["email"], rec.get("quota", 0), rec.get("created", 0.0)), rec["hash"]
 

@@ -412,6 +412,8 @@ def changes_since(tr: ReadTransaction, acct: int, since: int, limit: int = 0) ->
 
 def validate_mailbox_name(name: str) -> str:
     """Normalize a mailbox name: INBOX case-insensitive, no empty levels."""
+    if name == "INBOX":  # every delivery's
+        return name
     if not name or len(name) > MAX_MAILBOX_NAME:
         raise InvalidInput("invalid mailbox name")
     if any(ord(c) < 0x20 or c == "\x7f" for c in name) or "*" in name or "%" in name:
@@ -896,15 +898,17 @@ def move_messages(tr: Transaction, acct: int, src: int, uids: Sequence[int], dst
 
 # -- emails ------------------------------------------------------------------------------
 
-def _thread_for(tr: Transaction, acct: int, parsed: mime.Message, email_id: int) -> int:
+def _join_thread(tr: Transaction, acct: int, parsed: mime.Message, email_id: int) -> int:
     """Join the thread of any message this one refers to, or of one that
-    referred to it (a reply delivered before it), or start one."""
-    refs = list(parsed.references) + ([parsed.message_id] if parsed.message_id else [])
-    for ref in refs:
-        raw = tr.get(keys.thread_ref(acct, blobs.digest_of(ref.encode())[:16]))
-        if raw is not None:
-            return int(raw)
-    return email_id
+    referred to it (a reply delivered before it), or start one; then point
+    every id it names that has no thread yet at that thread."""
+    refs = dict.fromkeys(list(parsed.references) + ([parsed.message_id] if parsed.message_id else []))
+    found = {key: tr.get(key) for key in (keys.thread_ref(acct, blobs.digest_of(ref.encode())[:16]) for ref in refs)}
+    thread_id = next((int(raw) for raw in found.values() if raw is not None), email_id)
+    for key, raw in found.items():
+        if raw is None:
+            tr.set(key, str(thread_id).encode())
+    return thread_id
 
 
 def _store_email(
@@ -918,11 +922,7 @@ def _store_email(
 ) -> Email:
     """Store an email's record and structure; returns it as :func:`get_email` reads it."""
     email_id = _next_seq(tr, acct, "email")
-    thread_id = _thread_for(tr, acct, parsed, email_id)
-    for ref in ([parsed.message_id] if parsed.message_id else []) + list(parsed.references):
-        ref_key = keys.thread_ref(acct, blobs.digest_of(ref.encode())[:16])
-        if tr.get(ref_key) is None:
-            tr.set(ref_key, str(thread_id).encode())
+    thread_id = _join_thread(tr, acct, parsed, email_id)
     if len(structure) >= SHARED_STRUCTURE_MIN:
         # Kept once beside the blob, not once per recipient: a message of
         # thousands of parts to a hundred local recipients must still fit the
