@@ -24,28 +24,25 @@ LatestReader = Callable[[list[int]], Awaitable[dict[int, int]]]
 class Subscription:
     """One session's interest in one account."""
 
-    __slots__ = ("account", "version", "_event", "_hub")
+    __slots__ = ("account", "version", "waiter", "_hub")
 
     def __init__(self, hub: PushHub, account: int) -> None:
         self._hub = hub
         self.account = account
         #: Bumped at every notification; sessions compare it to what they saw.
         self.version = 0
-        self._event = asyncio.Event()
+        #: The future an IDLE waits on, if one does: the next notification
+        #: resolves it. A plain future, not an Event and a task with a
+        #: timeout: a node may hold tens of thousands of these, and every
+        #: object an idle session keeps is one more for each full collection
+        #: of the garbage collector to walk while the whole node waits.
+        self.waiter: asyncio.Future[None] | None = None
 
     def notify(self) -> None:
         self.version += 1
-        self._event.set()
-
-    async def wait(self, timeout: float) -> bool:
-        """Wait for a notification; False on timeout."""
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        finally:
-            self._event.clear()
-        return True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def close(self) -> None:
         self._hub._remove(self)

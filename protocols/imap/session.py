@@ -10,6 +10,7 @@ VANISHED where the RFC allows.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import re
 import time
@@ -42,6 +43,10 @@ NO_EXPUNGE = ("FETCH", "STORE", "SEARCH", "SORT", "THREAD")
 #: Seconds an IDLE session waits for a notification before it looks at the
 #: store anyway (the node's push watch normally wakes it much sooner).
 IDLE_RECHECK = 60.0
+#: The context of IDLE's wake-up callbacks: they read no context variable,
+#: and copying the session's context for each would be one more object per
+#: idle session.
+_NO_CONTEXT = contextvars.Context()
 #: Messages whose emails a FETCH holds at once (see do_FETCH).
 FETCH_PAGE = 500
 #: Memo key of a snapshot's ``UID FETCH 1:* (FLAGS)`` answer, and the
@@ -186,6 +191,8 @@ class ImapSession:
         self.enabled: set[str] = set()
         self.saved: list[int] | None = None  # SEARCHRES (RFC 5182), UIDs
         self.sub: Subscription | None = None
+        #: What an IDLE under way waits on (do_IDLE).
+        self._idle_wake: asyncio.Future[None] | None = None
         self.seen_version = 0
         self.last_poll = 0.0
         self.bad_commands = 0
@@ -614,19 +621,35 @@ class ImapSession:
             pending = await self.updates("IDLE", True)
             if pending:
                 await self.conn.write(b"".join(pending))
-        reader = asyncio.ensure_future(self.conn.read_line(self.settings.autologout))
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(self.conn.read_line(self.settings.autologout))
+        #: The last notification answered: one that comes while the session
+        #: is busy (reading the changes) makes the next wait end at once.
+        heard = self.seen_version if self.selected is not None else (self.sub.version if self.sub else 0)
         try:
             while True:
-                # The hub wakes us for local commits, peer messages and its own
-                # store watch; the long timeout is only a last safety net.
-                waiter = asyncio.ensure_future(self.sub.wait(IDLE_RECHECK)) if self.sub else None
-                waits: set[asyncio.Future[object]] = {reader}  # type: ignore[arg-type]
-                if waiter is not None:
-                    waits.add(waiter)  # type: ignore[arg-type]
-                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                if waiter is not None and waiter not in done:
-                    waiter.cancel()
-                if reader in done:
+                # One future per wait, resolved by whichever comes first: the
+                # client's line, the hub (local commits, peer messages, its
+                # store watch) or the recheck timer, a last safety net. Few
+                # objects per idle session (see push.Subscription).
+                wake: asyncio.Future[None] = loop.create_future()
+                if self.sub is not None and self.sub.version != heard:
+                    wake.set_result(None)
+                self._idle_wake = wake
+                reader.add_done_callback(self._wake_idle, context=_NO_CONTEXT)
+                timer = loop.call_later(IDLE_RECHECK, self._wake_idle, None, context=_NO_CONTEXT)
+                if self.sub is not None:
+                    self.sub.waiter = wake
+                try:
+                    await wake
+                finally:
+                    timer.cancel()
+                    reader.remove_done_callback(self._wake_idle)
+                    self._idle_wake = None
+                    if self.sub is not None:
+                        self.sub.waiter = None
+                        heard = self.sub.version
+                if reader.done():
                     try:
                         line = reader.result()
                     except LineTooLong:
@@ -644,6 +667,11 @@ class ImapSession:
         finally:
             if not reader.done():
                 reader.cancel()
+
+    def _wake_idle(self, _: object) -> None:
+        wake = self._idle_wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     # -- selected --------------------------------------------------------------------
 

@@ -287,6 +287,35 @@ async def test_idle_reports_changes_and_ends_on_done(storage: Storage, hub: Push
     assert conn.take()[-1] == b"t%d OK IDLE terminated\r\n" % s.n
 
 
+async def test_idle_reports_a_change_committed_while_it_wrote_the_one_before(storage: Storage, hub: PushHub, alice: int) -> None:
+    # The notification of the third message comes while the session is busy
+    # writing the second's EXISTS: the next wait must end at once, not when
+    # the minute-long recheck comes round.
+    s, conn = await logged_in(storage, hub)
+    await s.ok("SELECT INBOX")
+    write = conn.write
+
+    async def write_then_append(data: bytes, more: bool = False) -> None:
+        await write(data, more)
+        if b"* 2 EXISTS" in data:
+            await storage.mail.append(alice, "INBOX", MESSAGE)
+
+    conn.write = write_then_append  # type: ignore[method-assign]
+    s.n += 1
+    task = asyncio.create_task(s.session.handle(parse_command(b"t%d IDLE\r\n" % s.n)))
+    while b"+ idling" not in conn.out:
+        conn.wrote.clear()
+        await asyncio.wait_for(conn.wrote.wait(), 2)
+    await storage.mail.append(alice, "INBOX", MESSAGE)
+    await storage.mail.append(alice, "INBOX", MESSAGE)
+    while b"* 3 EXISTS\r\n" not in conn.out:
+        conn.wrote.clear()
+        await asyncio.wait_for(conn.wrote.wait(), 2)
+    conn.feed(b"DONE\r\n")
+    await asyncio.wait_for(task, 2)
+    assert conn.take()[-1] == b"t%d OK IDLE terminated\r\n" % s.n
+
+
 async def test_idle_without_done_is_bad(storage: Storage, hub: PushHub, alice: int) -> None:
     s, conn = await logged_in(storage, hub)
     conn.feed(b"NOOP\r\n")
