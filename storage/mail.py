@@ -1031,10 +1031,9 @@ class MailStore:
         if len(raw) > PARSE_INLINE_MAX:
             loop = asyncio.get_running_loop()
             parsed = await loop.run_in_executor(None, mime.parse, raw)
-            digest = await loop.run_in_executor(None, blobs.digest_of, raw)
         else:
             parsed = mime.parse(raw)
-            digest = blobs.digest_of(raw)
+        digest = await blobs.digest(raw)
         inline = len(raw) <= blobs.INLINE_MAX
         if not inline:
             await blobs.put_large(self.db, digest, raw)

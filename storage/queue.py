@@ -728,7 +728,7 @@ class Queue:
         message is done.
         """
         now = time.time() if now is None else now
-        digest = blobs.digest_of(raw)
+        digest = await blobs.digest(raw)
         inline = len(raw) <= blobs.INLINE_MAX
         if not inline:
             await blobs.put_large(self.db, digest, raw)
@@ -820,7 +820,7 @@ class Queue:
     async def prepare_dsn(self, raw: bytes, recipient: str, local: int | None, now: float) -> QueuedMessage:
         """Store a DSN's body and return the record :meth:`finish` queues
         (null sender: a DSN is never bounced, RFC 3461 §6.2)."""
-        digest = blobs.digest_of(raw)
+        digest = await blobs.digest(raw)
         await blobs.put_large(self.db, digest, raw)
 
         def fn(tr: ReadTransaction) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -465,3 +466,9 @@ def test_message_record_keeps_a_zone_and_reads_old_records_as_utc() -> None:
         assert mail.Message.from_bytes(zoned.to_bytes()) == zoned
         plain = mail.Message(7, 9, 11, flags, 837_585_865, 0)
         assert mail.Message.from_bytes(plain.to_bytes()) == plain
+
+
+@pytest.mark.parametrize("size", [0, 1, 2046, 2047, 2048, 4095, 20_000, blobs.HASH_INLINE_MAX, blobs.HASH_INLINE_MAX + 1])
+async def test_blob_digest_is_sha256_whether_hashed_in_pieces_or_in_a_worker(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert await blobs.digest(data) == blobs.digest_of(data) == hashlib.sha256(data).digest()
