@@ -623,8 +623,8 @@ class ImapSession:
                 await self.conn.write(b"".join(pending))
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self.conn.read_line(self.settings.autologout))
-        #: The last notification answered: one that comes while the session
-        #: is busy (reading the changes) makes the next wait end at once.
+        # The last notification answered: one that comes while the session
+        # is busy (reading or writing the changes) ends the next wait at once.
         heard = self.seen_version if self.selected is not None else (self.sub.version if self.sub else 0)
         try:
             while True:
