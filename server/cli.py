@@ -290,7 +290,7 @@ def cmd_serve(args: argparse.Namespace, cfg: configmod.Config) -> int:
     # Before any thread starts, so that every thread of the node is pinned.
     allowed = cpu.allowed_cpus()
     try:
-        pinned = cpu.pin(cfg.server.cpu)
+        pinned = cpu.pin(cfg.server.cpu, allowed)
     except cpu.CpuSettingError as exc:
         print(f"rookery: config: {exc}", file=sys.stderr)
         return 2

@@ -57,12 +57,12 @@ def choose(setting: str, allowed: frozenset[int], pid: int) -> int | None:
     return cpu
 
 
-def pin(setting: str) -> int | None:
+def pin(setting: str, allowed: frozenset[int]) -> int | None:
     """Pin the calling thread, and so every thread it starts from now on,
-    to the CPU ``setting`` picks (:func:`choose`). Returns that CPU, or None
-    where nothing was pinned (``off``, one CPU, or no affinity on this
-    platform). Call it before the node starts any thread."""
-    cpu = choose(setting, allowed_cpus(), os.getpid())
+    to the CPU ``setting`` picks from ``allowed`` (:func:`choose`). Returns
+    that CPU, or None where nothing was pinned (``off``, one CPU, or no
+    affinity on this platform). Call it before the node starts any thread."""
+    cpu = choose(setting, allowed, os.getpid())
     if cpu is None or not hasattr(os, "sched_setaffinity"):
         return None
     os.sched_setaffinity(0, {cpu})  # 0: this thread (Linux)
