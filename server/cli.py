@@ -309,7 +309,12 @@ def cmd_serve(args: argparse.Namespace, cfg: configmod.Config) -> int:
         # Checked before anything starts (the node would refuse it too).
         print("rookery: config: [cluster] secret is required when [listen] cluster is set", file=sys.stderr)
         return 2
-    node = Node(cfg, hash_cpus=allowed if pinned is not None else None)
+    try:
+        parsers = cpu.parse_workers(cfg.server.parse_workers, allowed, pinned)
+    except cpu.CpuSettingError as exc:
+        print(f"rookery: config: {exc}", file=sys.stderr)
+        return 2
+    node = Node(cfg, hash_cpus=allowed if pinned is not None else None, parsers=parsers)
 
     def ready() -> None:
         # The addresses bound, so a port 0 in the config shows as the real one.

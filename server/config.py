@@ -120,6 +120,9 @@ SCHEMA: tuple[Option, ...] = (
     Option("server", "cpu", _str, "auto",
            "CPU the node's threads run on, so they hand the interpreter lock to each other without waking another "
            "CPU: auto (one of those allowed, by process id), a CPU number, or off. Password hashing may use every CPU."),
+    Option("server", "parse_workers", _str, "auto",
+           "Worker processes that parse stored messages (MIME structure, blob hash) beside the node's threads: auto "
+           "(one per CPU besides the node's own, at most 4; none on one CPU), a number, or 0 (parse in the node)."),
     Option("server", "shutdown_timeout", _float, 10.0, "Seconds sessions get to finish on SIGTERM before they are closed."),
     Option("listen", "smtp", _str, "", "Inbound MX SMTP listener host:port (empty: off)."),
     Option("listen", "submission", _str, "", "Submission listener with STARTTLS (RFC 6409) host:port."),

@@ -16,7 +16,9 @@ have done beside the loop, and measured, that is much the smaller part
 
 Work that runs outside the interpreter lock for long, password hashing
 (argon2 with its own threads), is given :func:`unpinned_executor`, whose
-threads may use every CPU the node was allowed.
+threads may use every CPU the node was allowed. Parsing what is stored, pure
+Python that would hold the lock, runs in worker processes on the CPUs the
+node's threads leave free (:func:`parse_workers`, storage/parsing.py).
 """
 
 from __future__ import annotations
@@ -74,3 +76,27 @@ def unpinned_executor(allowed: frozenset[int], name: str) -> ThreadPoolExecutor:
     set from before :func:`pin`, which succeeded), for work outside the
     interpreter lock."""
     return ThreadPoolExecutor(thread_name_prefix=name, initializer=os.sched_setaffinity, initargs=(0, allowed))
+
+
+#: Parser workers ``auto`` starts at most (each is a whole interpreter).
+MAX_AUTO_PARSE_WORKERS = 4
+
+
+def parse_workers(setting: str, allowed: frozenset[int], pinned: int | None) -> tuple[int, frozenset[int] | None]:
+    """How many ingest parser workers to start (storage/parsing.py) and the
+    CPUs they may use: those of ``allowed`` but the one the node's threads
+    are pinned to (all of ``allowed`` when that leaves none)."""
+    setting = setting.strip().lower()
+    cpus = ((allowed - {pinned}) or allowed) if pinned is not None else None
+    if setting == "auto":
+        count = max(0, min(MAX_AUTO_PARSE_WORKERS, len(allowed) - 1))
+    elif setting in ("off", "none"):
+        count = 0
+    else:
+        try:
+            count = int(setting)
+        except ValueError:
+            raise CpuSettingError(f"[server] parse_workers must be auto, 0 or a number, not {setting!r}") from None
+        if count < 0:
+            raise CpuSettingError(f"[server] parse_workers must not be negative, not {count}")
+    return count, cpus

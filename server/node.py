@@ -25,11 +25,12 @@ from protocols.push import PushHub
 from protocols.smtp.session import SmtpLimits
 from storage import Storage
 from storage.nodes import Nodes
+from storage.parsing import ParserPool
 from storage.queue import Queue
 
 from .cluster import ClusterService, LeaseWorker, PeerChannel
 from .config import Config
-from .cpu import unpinned_executor
+from .cpu import allowed_cpus, parse_workers, unpinned_executor
 from .metrics import MetricSource, channel_samples, connection_samples, outbound_samples
 from .outbound import OutboundWorker, from_config, with_queue_purge
 from .tls import ensure_self_signed, server_context
@@ -239,10 +240,17 @@ class ImapService(ListenerService):
 class Node:
     """One Rookery process."""
 
-    def __init__(self, config: Config, hash_cpus: frozenset[int] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        hash_cpus: frozenset[int] | None = None,
+        parsers: tuple[int, frozenset[int] | None] | None = None,
+    ) -> None:
         self.config = config
         #: CPUs for password hashing when this process was pinned (server/cpu.py).
         self.hash_cpus = hash_cpus
+        #: Parser workers to start and their CPUs (server/cpu.py: parse_workers).
+        self.parsers = parsers if parsers is not None else parse_workers(config.server.parse_workers, allowed_cpus(), None)
         self.stopping = asyncio.Event()
         self.state: ServerState | None = None
         self.services: list[Service] = []
@@ -287,6 +295,12 @@ class Node:
                 hashing = unpinned_executor(self.hash_cpus, "rookery-hash")
                 stack.callback(hashing.shutdown, wait=False)
                 storage.directory.hash_executor = hashing
+            workers, cpus = self.parsers
+            if workers:
+                parser = ParserPool(workers, cpus)
+                await parser.start()
+                stack.push_async_callback(parser.close)
+                storage.mail.parser = parser
             tls = await loop.run_in_executor(None, make_tls, self.config)
             state = self.state = ServerState(self.config, storage, tls, self.config.hostname)
             state.hub.poll_interval = self.config.imap.poll_interval

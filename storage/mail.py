@@ -20,6 +20,7 @@ import asyncio
 import bisect
 import functools
 import json
+import logging
 import struct
 import time
 from collections import OrderedDict
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import cast
 
-from . import blobs, keys, mime
+from . import blobs, keys, mime, parsing
 from .directory import get_account
 from .errors import (
     AlreadyExists,
@@ -42,6 +43,8 @@ from .errors import (
     UnknownUser,
 )
 from .kv.base import MAX_VALUE_SIZE, Database, ReadTransaction, RetryableError, Transaction, decode_counter, encode_counter
+
+log = logging.getLogger("rookery.mail")
 
 #: Hierarchy delimiter of mailbox names (IMAP LIST).
 DELIMITER = "/"
@@ -898,11 +901,11 @@ def move_messages(tr: Transaction, acct: int, src: int, uids: Sequence[int], dst
 
 # -- emails ------------------------------------------------------------------------------
 
-def _join_thread(tr: Transaction, acct: int, parsed: mime.Message, email_id: int) -> int:
+def _join_thread(tr: Transaction, acct: int, parsed: parsing.Parsed, email_id: int) -> int:
     """Join the thread of any message this one refers to, or of one that
     referred to it (a reply delivered before it), or start one; then point
     every id it names that has no thread yet at that thread."""
-    refs = dict.fromkeys(list(parsed.references) + ([parsed.message_id] if parsed.message_id else []))
+    refs = dict.fromkeys(parsed.references + ((parsed.message_id,) if parsed.message_id else ()))
     found = {key: tr.get(key) for key in (keys.thread_ref(acct, blobs.digest_of(ref.encode())[:16]) for ref in refs)}
     thread_id = next((int(raw) for raw in found.values() if raw is not None), email_id)
     for key, raw in found.items():
@@ -917,12 +920,12 @@ def _store_email(
     digest: bytes,
     size: int,
     received: int,
-    parsed: mime.Message,
-    structure: bytes,
+    parsed: parsing.Parsed,
 ) -> Email:
     """Store an email's record and structure; returns it as :func:`get_email` reads it."""
     email_id = _next_seq(tr, acct, "email")
     thread_id = _join_thread(tr, acct, parsed, email_id)
+    structure = parsed.structure
     if len(structure) >= SHARED_STRUCTURE_MIN:
         # Kept once beside the blob, not once per recipient: a message of
         # thousands of parts to a hundred local recipients must still fit the
@@ -1000,10 +1003,12 @@ def quota_usage(tr: ReadTransaction, acct: int) -> tuple[int, int]:
 @dataclass(slots=True)
 class _Prepared:
     raw: bytes
-    digest: bytes
-    parsed: mime.Message
-    structure: bytes
+    parsed: parsing.Parsed
     inline: bool
+
+    @property
+    def digest(self) -> bytes:
+        return self.parsed.digest
 
 
 class MailStore:
@@ -1015,6 +1020,9 @@ class MailStore:
         self._emails: OrderedDict[tuple[int, int], Email] = OrderedDict()
         self._snapshots: OrderedDict[tuple[int, int], Snapshot] = OrderedDict()
         self._inflight: dict[tuple[int, int, int], asyncio.Future[MailboxChanges]] = {}
+        #: Worker processes that parse what is stored (the node sets one up);
+        #: without them, or when they fail, messages are parsed here.
+        self.parser: parsing.ParserPool | None = None
 
     def on_change(self, hook: ChangeHook) -> None:
         """Call ``hook(account, change_id, kinds)`` after every committed change."""
@@ -1027,17 +1035,25 @@ class MailStore:
         for hook in self._hooks:
             hook(acct, change_id, frozen)
 
-    async def _prepare(self, raw: bytes) -> _Prepared:
+    async def _parse(self, raw: bytes) -> parsing.Parsed:
+        if self.parser is not None:
+            try:
+                return await self.parser.parse(raw)
+            except parsing.WorkerFailed as exc:
+                log.warning("parsing a message in the node: %s", exc)
         if len(raw) > PARSE_INLINE_MAX:
             loop = asyncio.get_running_loop()
-            parsed = await loop.run_in_executor(None, mime.parse, raw)
+            msg = await loop.run_in_executor(None, mime.parse, raw)
         else:
-            parsed = mime.parse(raw)
-        digest = await blobs.digest(raw)
+            msg = mime.parse(raw)
+        return parsing.Parsed(mime.encode(msg), await blobs.digest(raw), msg.message_id, tuple(msg.references))
+
+    async def _prepare(self, raw: bytes) -> _Prepared:
+        parsed = await self._parse(raw)
         inline = len(raw) <= blobs.INLINE_MAX
         if not inline:
-            await blobs.put_large(self.db, digest, raw)
-        return _Prepared(raw, digest, parsed, mime.encode(parsed), inline)
+            await blobs.put_large(self.db, parsed.digest, raw)
+        return _Prepared(raw, parsed, inline)
 
     def _put_blob(self, tr: Transaction, prep: _Prepared) -> None:
         if prep.inline:
@@ -1075,7 +1091,7 @@ class MailStore:
             for acct in dict.fromkeys(accounts(tr) if callable(accounts) else accounts):
                 check_quota(tr, acct, len(raw), temporary=True)
                 box = find_mailbox(tr, acct, "INBOX")
-                email = _store_email(tr, acct, prep.digest, len(raw), when, prep.parsed, prep.structure)
+                email = _store_email(tr, acct, prep.digest, len(raw), when, prep.parsed)
                 change_id = record_change(tr, acct, ["Email", "Thread", "Mailbox"], [box.id])
                 msg = _insert(tr, acct, box, email.id, (), when, len(raw), change_id)
                 out.append((Delivery(acct, box.id, msg.uid, email.id, change_id, email.thread_id), email))
@@ -1121,7 +1137,7 @@ class MailStore:
             for prep, flags, (_, _, date) in zip(preps, checked, items):
                 self._put_blob(tr, prep)
                 when, zone = _when(now, date)
-                email = _store_email(tr, acct, prep.digest, len(prep.raw), when, prep.parsed, prep.structure)
+                email = _store_email(tr, acct, prep.digest, len(prep.raw), when, prep.parsed)
                 uids.append(_insert(tr, acct, box, email.id, flags, when, len(prep.raw), change_id, zone).uid)
                 emails.append(email)
             return box.uidvalidity, change_id, uids, emails
