@@ -41,17 +41,35 @@ def idle_jiffies() -> tuple[int, int]:
     return values[3] + values[4], sum(values)
 
 
+def with_children(pids: list[int]) -> list[int]:
+    """``pids`` and their child processes (a node's parser workers)."""
+    out = list(pids)
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                out += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return out
+
+
 class Usage:
-    """CPU a process spent, and the machine's idle share, over a stretch of time:
-    a figure that falls short is CPU-bound only if the machine had none left."""
+    """CPU processes spent, their children (a node's parser workers) with them,
+    and the machine's idle share, over a stretch of time: a figure that falls
+    short is CPU-bound only if the machine had none left."""
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
-        self.cpu0 = sum(cpu_seconds(p) for p in pids)
+        self.cpu0 = {p: cpu_seconds(p) for p in with_children(pids)}
         self.idle0, self.total0 = idle_jiffies()
 
     def stop(self, units: int) -> tuple[float, float]:
         """(CPU ms per unit of work, idle share of the machine 0..1)."""
-        cpu = sum(cpu_seconds(p) for p in self.pids) - self.cpu0
+        cpu = 0.0
+        for pid in with_children(self.pids):
+            try:
+                cpu += cpu_seconds(pid) - self.cpu0.get(pid, 0.0)
+            except OSError:  # ended meanwhile
+                continue
         idle, total = idle_jiffies()
         return 1000 * cpu / max(units, 1), (idle - self.idle0) / max(total - self.total0, 1)
