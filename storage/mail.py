@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 from . import blobs, keys, mime, parsing
 from .directory import get_account
@@ -125,14 +125,35 @@ class Mailbox:
         }
         if self.legacy_sub is not None:
             d["sub"] = self.legacy_sub
-        return json.dumps(d).encode()
+        raw = json.dumps(d).encode()
+        _remember_mailbox(raw, (
+            self.id, self.name, self.uidvalidity, self.uidnext, self.special_use, self.created, self.noselect,
+            self.legacy_sub,
+        ))
+        return raw
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Mailbox:
-        d = json.loads(raw)
-        return cls(
-            d["id"], d["name"], d["uv"], d["un"], d.get("su"), d.get("c", 0.0), d.get("ns", False), d.get("sub"),
-        )
+        fields = _MAILBOX_FIELDS.get(raw)
+        if fields is None:
+            d = json.loads(raw)
+            fields = (d["id"], d["name"], d["uv"], d["un"], d.get("su"), d.get("c", 0.0), d.get("ns", False), d.get("sub"))
+            _remember_mailbox(raw, fields)
+        return cls(*fields)
+
+
+#: Mailbox records decoded or encoded lately, by their bytes: a delivery
+#: reads the INBOX record the one before it wrote (its UIDNEXT moved), and
+#: sessions read the same records over and over. Bytes are the key, so an
+#: entry can never be stale; a fresh Mailbox is made from it at each read.
+_MAILBOX_FIELDS: dict[bytes, tuple[Any, ...]] = {}
+_MAILBOX_FIELDS_MAX = 4096
+
+
+def _remember_mailbox(raw: bytes, fields: tuple[Any, ...]) -> None:
+    if len(_MAILBOX_FIELDS) >= _MAILBOX_FIELDS_MAX:
+        _MAILBOX_FIELDS.clear()
+    _MAILBOX_FIELDS[raw] = fields
 
 
 @dataclass(slots=True)

@@ -36,13 +36,12 @@ import binascii
 import ipaddress
 import logging
 import ssl
-import time
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from email.utils import formatdate, getaddresses, make_msgid
+from email.utils import getaddresses, make_msgid
 from typing import Any, TypeVar
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
@@ -66,6 +65,7 @@ from .session import (
     SmtpLimits,
     new_queue_id,
     peer_text,
+    received_date,
 )
 
 _P = TypeVar("_P", MailParams, RcptParams)
@@ -324,7 +324,7 @@ class SubmissionHandler:
         proto = "ESMTP" + ("S" if connection_secure(server) else "") + "A"
         received = (
             f"Received: from {helo} ([{peer}])\r\n\tby {self.hostname} (Rookery) with {proto} id {queue_id};"
-            f"\r\n\t{formatdate(time.time(), localtime=False)}\r\n"
+            f"\r\n\t{received_date()}\r\n"
         )
         return received.encode("utf-8", "surrogateescape")
 
@@ -332,7 +332,7 @@ class SubmissionHandler:
         """Date: and Message-ID: an MUA left out (RFC 6409 §8.2, §8.3)."""
         extra = b""
         if not has_header(header, b"date"):
-            extra += f"Date: {formatdate(time.time(), localtime=False)}\r\n".encode()
+            extra += f"Date: {received_date()}\r\n".encode()
         if not has_header(header, b"message-id"):
             extra += f"Message-ID: {make_msgid(domain=self.hostname)}\r\n".encode()
         return extra

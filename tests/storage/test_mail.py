@@ -472,3 +472,12 @@ def test_message_record_keeps_a_zone_and_reads_old_records_as_utc() -> None:
 async def test_blob_digest_is_sha256_whether_hashed_in_pieces_or_in_a_worker(size: int) -> None:
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     assert await blobs.digest(data) == blobs.digest_of(data) == hashlib.sha256(data).digest()
+
+
+def test_mailbox_records_read_back_as_objects_of_their_own() -> None:
+    box = mail.Mailbox(7, "INBOX", 1, 5, created=1.5)
+    raw = box.to_bytes()
+    first = mail.Mailbox.from_bytes(raw)
+    first.uidnext += 1  # as a delivery does before writing it back
+    assert mail.Mailbox.from_bytes(raw) == box
+    assert mail.Mailbox.from_bytes(first.to_bytes()).uidnext == 6
