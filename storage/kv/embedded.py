@@ -258,11 +258,17 @@ class _Layer:
         return keys[bisect.bisect_left(keys, begin) : bisect.bisect_left(keys, end)]
 
     def merge(self, later: _Layer) -> None:
-        """Apply ``later``'s writes, which came after this layer's."""
+        """Apply ``later``'s writes, which came after this layer's (those it
+        made before a range it cleared are gone from it already)."""
         for begin, end in later.ranges:
             self.clear_range(begin, end)
-        for key, value in later.writes.items():
-            self.put(key, value)
+        writes = self.writes
+        fresh = [key for key in later.writes if key not in writes]
+        if fresh:
+            self._keys += fresh
+            self._sorted = False
+        writes.update(later.writes)
+        self.size += later.size
 
     def apply(self, conn: sqlite3.Connection, cache: _ReadCache) -> None:
         """Write this layer into SQLite's open transaction and empty it."""
