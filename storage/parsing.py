@@ -190,9 +190,13 @@ class ParserPool:
         return worker
 
     async def start(self) -> None:
-        """Start every worker now rather than at the first message."""
+        """Start every worker now rather than at the first message. One that
+        cannot start is only logged: messages are parsed in the node then."""
         for index in range(self.size):
-            await self._worker(index)
+            try:
+                await self._worker(index)
+            except OSError as exc:
+                log.warning("cannot start a parser worker, parsing in the node: %s", exc)
 
     async def parse(self, raw: bytes) -> Parsed:
         """Parse ``raw`` in a worker. Raises :class:`WorkerFailed` when none

@@ -73,6 +73,15 @@ async def test_a_dead_worker_fails_what_it_held_and_the_next_message_starts_anot
         await pool.parse(MESSAGES[0])
 
 
+async def test_a_worker_that_cannot_start_leaves_parsing_to_the_node(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(parsing.ParserPool, "_command", lambda self: [str(tmp_path / "no-such-python")])
+    pool = parsing.ParserPool(1)
+    await pool.start()  # logged, not raised: the node still starts
+    with pytest.raises(parsing.WorkerFailed, match="cannot start"):
+        await pool.parse(MESSAGES[0])
+    await pool.close()
+
+
 async def test_workers_run_on_the_cpus_given() -> None:
     allowed = cpu.allowed_cpus()
     one = frozenset({min(allowed)})
