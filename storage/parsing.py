@@ -43,6 +43,13 @@ _HEAD = 4
 _OK, _FAILED = 0, 1
 #: Answers larger than this are a worker gone wrong, not a structure.
 MAX_ANSWER = 1 << 30
+#: Seconds a worker may take over a message, plus as many per megabyte
+#: (mime.parse keeps hostile input to about a second per 10 MB): past that
+#: it is stopped, as hung, and what it held is parsed in the node.
+TIMEOUT = 30.0
+TIMEOUT_PER_MB = 2.0
+#: Seconds between two looks at whether a worker is past a deadline.
+WATCHDOG_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +81,10 @@ class _Worker(asyncio.SubprocessProtocol):
         self.transport: asyncio.SubprocessTransport | None = None
         self.stdin: asyncio.WriteTransport | None = None
         self.waiting: collections.deque[asyncio.Future[Parsed]] = collections.deque()
+        #: Loop time by which the request at the head of ``waiting`` must be
+        #: answered, one per request, and the timer that checks it.
+        self.deadlines: collections.deque[float] = collections.deque()
+        self._watchdog: asyncio.TimerHandle | None = None
         self.buffer = bytearray()
         self.alive = True
         self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -88,8 +99,25 @@ class _Worker(asyncio.SubprocessProtocol):
     def send(self, raw: bytes, future: asyncio.Future[Parsed]) -> None:
         if not self.alive or self.stdin is None or self.stdin.is_closing():
             raise WorkerFailed("parser worker gone")
+        loop = asyncio.get_running_loop()
         self.waiting.append(future)
+        self.deadlines.append(loop.time() + TIMEOUT + TIMEOUT_PER_MB * len(raw) / 1e6)
         self.stdin.writelines((len(raw).to_bytes(_HEAD, "big"), raw))
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(WATCHDOG_INTERVAL, self._check)
+
+    def _check(self) -> None:
+        """A worker past the deadline of the request it works on is hung:
+        stopped, and what it held is parsed in the node."""
+        self._watchdog = None
+        if not self.waiting or not self.alive:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() > self.deadlines[0]:
+            log.warning("parser worker hung over a message: stopped")
+            self.fail("parser worker timed out")
+        else:
+            self._watchdog = loop.call_later(WATCHDOG_INTERVAL, self._check)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd != 1:
@@ -108,6 +136,7 @@ class _Worker(asyncio.SubprocessProtocol):
             status, body = buffer[_HEAD], bytes(buffer[_HEAD + 1 : end])
             del buffer[:end]
             future = self.waiting.popleft()
+            self.deadlines.popleft()
             if future.done():
                 continue
             if status == _OK:
@@ -122,6 +151,10 @@ class _Worker(asyncio.SubprocessProtocol):
     def fail(self, why: str) -> None:
         """Fail every request held and stop the worker."""
         self.alive = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self.deadlines.clear()
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():

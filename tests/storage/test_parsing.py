@@ -73,6 +73,24 @@ async def test_a_dead_worker_fails_what_it_held_and_the_next_message_starts_anot
         await pool.parse(MESSAGES[0])
 
 
+async def test_a_hung_worker_is_stopped_and_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parsing, "TIMEOUT", 0.3)
+    monkeypatch.setattr(parsing, "WATCHDOG_INTERVAL", 0.1)
+    pool = parsing.ParserPool(1)
+    try:
+        await pool.start()
+        [pid] = pool.pids()
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(parsing.WorkerFailed, match="timed out"):
+            await pool.parse(MESSAGES[0])
+        assert gone(pid)
+        monkeypatch.setattr(parsing, "TIMEOUT", 30.0)  # a new worker takes longer than 0.3 s to start
+        assert await pool.parse(MESSAGES[1]) == parsing.parse_here(MESSAGES[1])
+        assert pool.started == 2
+    finally:
+        await pool.close()
+
+
 async def test_a_worker_that_cannot_start_leaves_parsing_to_the_node(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(parsing.ParserPool, "_command", lambda self: [str(tmp_path / "no-such-python")])
     pool = parsing.ParserPool(1)
