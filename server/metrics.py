@@ -197,3 +197,13 @@ def outbound_samples(worker: Any) -> Iterator[Sample]:
                          "gauge", hourly, labels)
             yield Sample("rookery_throttle_hourly_limit", "Messages a throttle allows per hour window.",
                          "gauge", rule.max_per_hour, labels)
+
+
+def parser_samples(pool: Any) -> Iterator[Sample]:
+    """The ingest parser workers (storage/parsing.py)."""
+    yield Sample("rookery_parser_workers", "Parser worker processes running.", "gauge", len(pool.pids()))
+    yield Sample("rookery_parser_workers_started_total", "Parser worker processes started.", "counter", pool.started)
+    yield Sample(
+        "rookery_parser_failures_total", "Messages a parser worker could not answer for, parsed in the node instead.",
+        "counter", pool.failures,
+    )

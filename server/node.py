@@ -31,7 +31,7 @@ from storage.queue import Queue
 from .cluster import ClusterService, LeaseWorker, PeerChannel
 from .config import Config
 from .cpu import allowed_cpus, parse_workers, unpinned_executor
-from .metrics import MetricSource, channel_samples, connection_samples, outbound_samples
+from .metrics import MetricSource, channel_samples, connection_samples, outbound_samples, parser_samples
 from .outbound import OutboundWorker, from_config, with_queue_purge
 from .tls import ensure_self_signed, server_context
 
@@ -304,6 +304,9 @@ class Node:
             tls = await loop.run_in_executor(None, make_tls, self.config)
             state = self.state = ServerState(self.config, storage, tls, self.config.hostname)
             state.hub.poll_interval = self.config.imap.poll_interval
+            if storage.mail.parser is not None:
+                pool = storage.mail.parser
+                state.metric_sources.append(lambda: parser_samples(pool))
             storage.mail.on_change(state.hub.publish)
             state.hub.start_watch(storage.mail.last_changes)
             stack.push_async_callback(state.hub.stop_watch)

@@ -187,6 +187,7 @@ class ParserPool:
         self._starting: list[asyncio.Task[_Worker] | None] = [None] * workers
         self._closed = False
         self.started = 0  # workers started, for tests and metrics
+        self.failures = 0  # messages no worker could answer for
 
     def _command(self) -> list[str]:
         # Not ``-m storage.parsing``: the package imports this module first.
@@ -234,6 +235,13 @@ class ParserPool:
     async def parse(self, raw: bytes) -> Parsed:
         """Parse ``raw`` in a worker. Raises :class:`WorkerFailed` when none
         could answer; the caller parses it itself then."""
+        try:
+            return await self._parse(raw)
+        except WorkerFailed:
+            self.failures += 1
+            raise
+
+    async def _parse(self, raw: bytes) -> Parsed:
         if self._closed:
             raise WorkerFailed("parser pool is closed")
         if len(raw) >= 1 << (8 * _HEAD):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import signal
 import smtplib
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,7 @@ async def test_a_dead_worker_fails_what_it_held_and_the_next_message_starts_anot
         for future in held:
             with pytest.raises(parsing.WorkerFailed, match="exited"):
                 await asyncio.wait_for(future, 10)
+        assert pool.failures == len(held)
         assert await pool.parse(MESSAGES[0]) == parsing.parse_here(MESSAGES[0])
         assert pool.started == 2 and pool.pids() != [pid]
     finally:
@@ -160,6 +163,11 @@ async def test_mail_is_stored_the_same_with_workers_without_them_and_when_they_d
         await store.close()
 
 
+def metrics(node: NodeProcess) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{node.ports['http']}/metrics", timeout=10).read().decode()
+    return {name: float(value) for name, value in re.findall(r"^(rookery_parser_\w+) (\S+)$", text, re.M)}
+
+
 def children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
@@ -169,9 +177,10 @@ def test_a_node_keeps_taking_mail_when_its_parser_worker_is_killed(tmp_path: Pat
     data = tmp_path / "data"
     rookery("domain", "add", "example.org", data=data)
     rookery("account", "add", "alice@example.org", "--password", "secret", data=data)
-    node = NodeProcess(data, ("smtp",), env={"ROOKERY_SERVER_PARSE_WORKERS": "1"})
+    node = NodeProcess(data, ("smtp", "http"), env={"ROOKERY_SERVER_PARSE_WORKERS": "1"})
     try:
         [worker] = children(node.proc.pid)
+        assert metrics(node)["rookery_parser_workers"] == 1
         with smtplib.SMTP("127.0.0.1", node.ports["smtp"]) as smtp:
             smtp.sendmail("bob@example.net", ["alice@example.org"], b"Subject: one\r\n\r\nfirst\r\n")
             if len(cpu.allowed_cpus()) > 1:  # beside the CPU the node's threads took
@@ -184,6 +193,10 @@ def test_a_node_keeps_taking_mail_when_its_parser_worker_is_killed(tmp_path: Pat
             smtp.sendmail("bob@example.net", ["alice@example.org"], b"Subject: three\r\n\r\nthird\r\n")
         [replacement] = children(node.proc.pid)
         assert replacement != worker
+        seen = metrics(node)
+        assert seen["rookery_parser_workers"] == 1 and seen["rookery_parser_workers_started_total"] == 2
+        # "two" reached the dead worker (parsed in the node) or a new one.
+        assert seen["rookery_parser_failures_total"] in (0, 1)
         listing = rookery("mail", "list", "alice@example.org", data=data).stdout
         assert all(subject in listing for subject in ("one", "two", "three"))
         assert node.terminate() == 0
