@@ -262,10 +262,14 @@ class ParserPool:
     async def close(self) -> None:
         """Let every worker finish what it holds and exit (it reads EOF)."""
         self._closed = True
+        workers = [w for w in self._workers if w is not None]
         for task in self._starting:
             if task is not None:
-                await asyncio.gather(task, return_exceptions=True)
-        workers = [w for w in self._workers if w is not None and w.transport is not None]
+                # Started meanwhile: its waiter may not have taken it yet.
+                started, = await asyncio.gather(task, return_exceptions=True)
+                if isinstance(started, _Worker) and started not in workers:
+                    workers.append(started)
+        workers = [w for w in workers if w.transport is not None]
         for worker in workers:
             if worker.stdin is not None:
                 worker.stdin.close()

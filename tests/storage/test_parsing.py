@@ -103,6 +103,16 @@ async def test_a_worker_that_cannot_start_leaves_parsing_to_the_node(monkeypatch
     await pool.close()
 
 
+async def test_closing_while_a_worker_starts_stops_that_one_too() -> None:
+    pool = parsing.ParserPool(1)
+    first = asyncio.ensure_future(pool.parse(MESSAGES[0]))  # starts the worker
+    await asyncio.sleep(0)
+    first.cancel()  # the session that wanted it went away before it started
+    await pool.close()
+    assert pool.started == 1
+    assert not [p for p in children(os.getpid()) if b"storage.parsing" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
 async def test_workers_run_on_the_cpus_given() -> None:
     allowed = cpu.allowed_cpus()
     one = frozenset({min(allowed)})
