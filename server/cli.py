@@ -291,6 +291,7 @@ def cmd_serve(args: argparse.Namespace, cfg: configmod.Config) -> int:
     allowed = cpu.allowed_cpus()
     try:
         pinned = cpu.pin(cfg.server.cpu, allowed)
+        parsers = cpu.parse_workers(cfg.server.parse_workers, allowed, pinned)
     except cpu.CpuSettingError as exc:
         print(f"rookery: config: {exc}", file=sys.stderr)
         return 2
@@ -308,11 +309,6 @@ def cmd_serve(args: argparse.Namespace, cfg: configmod.Config) -> int:
     if cfg.listen.cluster and not cfg.cluster.secret:
         # Checked before anything starts (the node would refuse it too).
         print("rookery: config: [cluster] secret is required when [listen] cluster is set", file=sys.stderr)
-        return 2
-    try:
-        parsers = cpu.parse_workers(cfg.server.parse_workers, allowed, pinned)
-    except cpu.CpuSettingError as exc:
-        print(f"rookery: config: {exc}", file=sys.stderr)
         return 2
     node = Node(cfg, hash_cpus=allowed if pinned is not None else None, parsers=parsers)
 

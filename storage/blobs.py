@@ -48,7 +48,7 @@ def digest_of(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _digest_holding_gil(data: bytes) -> bytes:
+def digest_holding_gil(data: bytes) -> bytes:
     """:func:`digest_of`, fed in pieces too small for hashlib to let go of
     the GIL. On the event loop's thread, letting go gains nothing (the
     node's threads share one CPU) and costs a wait to get it back: the
@@ -67,7 +67,7 @@ async def digest(data: bytes) -> bytes:
     """The blob name of ``data``, computed without holding up the event loop."""
     if len(data) > HASH_INLINE_MAX:
         return await asyncio.get_running_loop().run_in_executor(None, digest_of, data)
-    return _digest_holding_gil(data)
+    return digest_holding_gil(data)
 
 
 def exists(tr: ReadTransaction, digest: bytes) -> bool:

@@ -1063,11 +1063,9 @@ class MailStore:
             except parsing.WorkerFailed as exc:
                 log.warning("parsing a message in the node: %s", exc)
         if len(raw) > PARSE_INLINE_MAX:
-            loop = asyncio.get_running_loop()
-            msg = await loop.run_in_executor(None, mime.parse, raw)
-        else:
-            msg = mime.parse(raw)
-        return parsing.Parsed(mime.encode(msg), await blobs.digest(raw), msg.message_id, tuple(msg.references))
+            return await asyncio.get_running_loop().run_in_executor(None, parsing.parse_here, raw)
+        # On the loop's thread, hashed without letting go of the GIL (blobs).
+        return parsing.parse_here(raw, blobs.digest_holding_gil)
 
     async def _prepare(self, raw: bytes) -> _Prepared:
         parsed = await self._parse(raw)

@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import marshal
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from . import mime
+from . import blobs, mime
 
 log = logging.getLogger("rookery.parsing")
 
@@ -63,11 +63,12 @@ class Parsed:
     references: tuple[str, ...]
 
 
-def parse_here(raw: bytes) -> Parsed:
-    """Parse ``raw`` in this process (what a worker runs). Never raises for
+def parse_here(raw: bytes, digest: Callable[[bytes], bytes] = blobs.digest_of) -> Parsed:
+    """Parse ``raw`` in this process (what a worker runs, and the node when
+    no worker answers), naming its blob with ``digest``. Never raises for
     any input: :func:`mime.parse` gives a last-resort structure instead."""
     msg = mime.parse(raw)
-    return Parsed(mime.encode(msg), hashlib.sha256(raw).digest(), msg.message_id, tuple(msg.references))
+    return Parsed(mime.encode(msg), digest(raw), msg.message_id, tuple(msg.references))
 
 
 class WorkerFailed(Exception):
